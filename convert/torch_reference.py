@@ -1,0 +1,80 @@
+"""Transformers reference models with non-trivial random weights (test and parity scaffolding, needs torch).
+
+Transformers' own random init zeroes every bias and SnakeBeta parameter, sets norm weights to 1 and
+leaves ``project_in`` so small that every FSQ value rounds to the same level: the codes come out
+constant and the audio silent, so parity on such a model proves nothing. ``random_reference_model``
+randomises every parameter, then rescales ``project_in`` on real input so the FSQ input spans all
+levels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Xcodec2Config as TorchXcodec2Config
+from transformers import Xcodec2Model as TorchXcodec2Model
+
+# Target std of the FSQ input before ``bound``: wide enough that all 4 levels are used often.
+FSQ_INPUT_STD = 1.5
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter of ``model`` a seeded random value that keeps activations O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+    normal = lambda p, std: p.copy_(torch.randn(p.shape, generator=generator) * std)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("alpha", "beta"):  # SnakeBeta log-frequency / log-magnitude
+            normal(param, 0.3)
+        elif "norm" in name and leaf == "weight":
+            param.copy_(1.0 + 0.2 * (torch.rand(param.shape, generator=generator) - 0.5))
+        elif leaf == "bias":
+            normal(param, 0.05)
+        elif "distance_embedding" in name or "masked_spec_embed" in name:
+            normal(param, 0.5)
+        else:  # Linear (out, in) and Conv1d (out, in / groups, k) weights
+            fan_in = math.prod(param.shape[1:])
+            normal(param, 1.0 / math.sqrt(fan_in))
+
+
+@torch.no_grad()
+def calibrate_fsq_input_(model: TorchXcodec2Model, inputs: dict[str, torch.Tensor]) -> None:
+    """Rescale ``quantizer.project_in`` so its output has std ``FSQ_INPUT_STD`` per dim on ``inputs``."""
+    captured = {}
+    hook = model.quantizer.project_in.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    model.encode(**inputs)
+    hook.remove()
+    out = captured["out"].reshape(-1, captured["out"].shape[-1])
+    mean, std = out.mean(0), out.std(0).clamp_min(1e-6)
+    layer = model.quantizer.project_in
+    layer.weight.mul_((FSQ_INPUT_STD / std)[:, None])
+    layer.bias.copy_((layer.bias - mean) * FSQ_INPUT_STD / std)
+
+
+def random_reference_model(config: TorchXcodec2Config, seed: int,
+                           calibration_inputs: dict[str, torch.Tensor]) -> TorchXcodec2Model:
+    """A float32 eval-mode Transformers ``Xcodec2Model`` with non-trivial random weights."""
+    torch.manual_seed(seed)
+    model = TorchXcodec2Model(config).eval().float()
+    randomize_(model, seed)
+    calibrate_fsq_input_(model, calibration_inputs)
+    return model
+
+
+def save_reference_checkpoint(model: TorchXcodec2Model, directory: Path, dtype: torch.dtype | None = None) -> Path:
+    """``save_pretrained`` into ``directory`` (optionally cast, e.g. to bfloat16) and return it."""
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(directory)
+    if dtype is not None:
+        model.float()
+    return Path(directory)
+
+
+def torch_inputs(features: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Feature-extractor output (numpy) -> the tensors Transformers' ``encode`` takes."""
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in features.items()}

@@ -1,0 +1,71 @@
+"""Find checkpoint files: a local directory, or a Hugging Face Hub repo id through ``huggingface_hub``.
+
+The Hub cache and ``HF_HUB_OFFLINE=1`` are honoured by ``huggingface_hub`` itself; this module only
+decides which files to ask for and turns "the Hub is unreachable" into one actionable message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+DEFAULT_REPO_ID = "HKUSTAudio/xcodec2-hf"
+CONFIG_NAME = "config.json"
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
+TRANSFORMERS_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+FLAX_WEIGHTS_NAME = "flax_model.safetensors"
+_HUB_PATTERNS = ["*.json", "*.safetensors"]
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No usable checkpoint at the given path or repo id."""
+
+
+def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """A local directory holding the checkpoint: ``path_or_repo_id`` itself, or the Hub snapshot."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointNotFoundError(f"{str(path_or_repo_id)!r} is a file; expected a checkpoint directory")
+    repo_id = str(path_or_repo_id)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except HFValidationError as err:
+        raise CheckpointNotFoundError(
+            f"{repo_id!r} is neither an existing directory nor a valid Hub repo id"
+        ) from err
+    except LocalEntryNotFoundError as err:
+        raise CheckpointNotFoundError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub and it is not in the local cache. "
+            "Offline? Use a local checkpoint directory (config.json + model.safetensors, e.g. a copy of "
+            "HKUSTAudio/xcodec2-hf): Xcodec2Model.from_pretrained('/path/to/dir') or `--model /path/to/dir`"
+        ) from err
+    except OSError as err:  # repository or revision not found, HTTP errors
+        raise CheckpointNotFoundError(f"cannot load {repo_id!r} from the Hub: {err}") from err
+
+
+def find_weights(checkpoint_dir: Path) -> tuple[str, list[Path]]:
+    """``("flax", [file])`` for a checkpoint saved by this library, else ``("transformers", files)``.
+
+    Transformers checkpoints are a single ``model.safetensors`` or shards listed in an index file.
+    """
+    if (checkpoint_dir / FLAX_WEIGHTS_NAME).is_file():
+        return "flax", [checkpoint_dir / FLAX_WEIGHTS_NAME]
+    if (checkpoint_dir / TRANSFORMERS_WEIGHTS_NAME).is_file():
+        return "transformers", [checkpoint_dir / TRANSFORMERS_WEIGHTS_NAME]
+    index = checkpoint_dir / TRANSFORMERS_WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        raise CheckpointNotFoundError(
+            f"{checkpoint_dir} holds none of {FLAX_WEIGHTS_NAME}, {TRANSFORMERS_WEIGHTS_NAME}, "
+            f"{TRANSFORMERS_WEIGHTS_INDEX_NAME}"
+        )
+    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    missing = [s for s in shards if not (checkpoint_dir / s).is_file()]
+    if missing:
+        raise CheckpointNotFoundError(f"{index} lists shards that are missing: {missing}")
+    return "transformers", [checkpoint_dir / s for s in shards]
