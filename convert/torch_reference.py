@@ -14,8 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Xcodec2Config as TorchXcodec2Config
-from transformers import Xcodec2Model as TorchXcodec2Model
+
+from .kaldi_reference import reference_kaldi
+
+reference_kaldi()  # must precede any Transformers import (see kaldi_reference.py)
+
+from transformers import Xcodec2Config as TorchXcodec2Config  # noqa: E402
+from transformers import Xcodec2Model as TorchXcodec2Model  # noqa: E402
 
 # Target std of the FSQ input before ``bound``: wide enough that all 4 levels are used often.
 FSQ_INPUT_STD = 1.5
@@ -65,13 +70,9 @@ def random_reference_model(config: TorchXcodec2Config, seed: int,
     return model
 
 
-def save_reference_checkpoint(model: TorchXcodec2Model, directory: Path, dtype: torch.dtype | None = None) -> Path:
-    """``save_pretrained`` into ``directory`` (optionally cast, e.g. to bfloat16) and return it."""
-    if dtype is not None:
-        model = model.to(dtype)
+def save_reference_checkpoint(model: TorchXcodec2Model, directory: Path) -> Path:
+    """``save_pretrained`` into ``directory`` and return it."""
     model.save_pretrained(directory)
-    if dtype is not None:
-        model.float()
     return Path(directory)
 
 

@@ -117,10 +117,12 @@ class Xcodec2Config:
                 f"hidden_size={self.hidden_size} must be a multiple of {self.group_norm_groups} "
                 "(GroupNorm groups of the decoder ResNet blocks)"
             )
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_key_value_heads != self.num_attention_heads:
+            # The reference rotates keys by a per-*query*-head angle (RoPE over the heads axis), which
+            # cannot broadcast against fewer KV heads: Transformers itself fails on such a config.
             raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
+                f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads="
+                f"{self.num_attention_heads}: X-Codec2's heads-axis RoPE does not support grouped KV heads"
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")

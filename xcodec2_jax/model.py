@@ -21,16 +21,16 @@ from flax import nnx
 
 from . import engine
 from .config import Xcodec2Config
-from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, find_weights, resolve_checkpoint_dir
+from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, CheckpointNotFoundError, find_weights, resolve_checkpoint_dir
 from .nn.codec import Xcodec2Codec
 from .nn.layers import Numerics
-from .weights import load_params, read_safetensors, save_flax_params
+from .weights import load_params, save_flax_params
 
 
 @dataclasses.dataclass
 class Xcodec2EncoderOutput:
-    """``audio_codes`` (B, 1, F) int32; ``audio_codes_mask`` (B, 1, F) int32 or None; ``latents``
-    (B, D, F) float32 when asked for."""
+    """``audio_codes`` (B, 1, F) int32; ``audio_codes_mask`` (B, F) int32 (as Transformers returns it,
+    whatever its docstring says) or None; ``latents`` (B, D, F) float32 when asked for."""
 
     audio_codes: np.ndarray
     audio_codes_mask: np.ndarray | None = None
@@ -96,11 +96,13 @@ class Xcodec2Model:
             revision: Hub branch, tag or commit.
         """
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
+        if not (directory / CONFIG_NAME).is_file():
+            raise CheckpointNotFoundError(f"{directory} has no {CONFIG_NAME}; expected an X-Codec2 checkpoint")
         config = Xcodec2Config.from_json_file(directory / CONFIG_NAME)
         numerics = Numerics.for_dtype(dtype)
         abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=nnx.Rngs(0)))
         source, files = find_weights(directory)
-        params = load_params(abstract, read_safetensors(files), source=source)
+        params = load_params(abstract, files, source=source)
         nnx.update(abstract, params)
         return cls(config, abstract)
 
@@ -156,17 +158,17 @@ class Xcodec2Model:
         if padding_mask is not None:
             # As Transformers: only frames fully covered by real samples count as valid codes.
             valid = jnp.asarray(padding_mask).astype(jnp.int32).sum(-1, keepdims=True) // hop
-            codes_mask = (jnp.arange(frames)[None, :] < valid).astype(jnp.int32)[:, None, :]
+            codes_mask = (jnp.arange(frames)[None, :] < valid).astype(jnp.int32)
         return Xcodec2EncoderOutput(
-            audio_codes=np.asarray(codes)[:, None, :],
-            audio_codes_mask=None if codes_mask is None else np.asarray(codes_mask),
-            latents=np.asarray(latents.astype(jnp.float32)).transpose(0, 2, 1) if output_latents else None,
+            audio_codes=np.array(codes)[:, None, :],
+            audio_codes_mask=None if codes_mask is None else np.array(codes_mask),
+            latents=np.array(latents.astype(jnp.float32)).transpose(0, 2, 1) if output_latents else None,
         )
 
     def decode(self, audio_codes=None, latents=None, audio_codes_mask=None) -> Xcodec2DecoderOutput:
         """Codes (B, 1, F) or latents (B, D, F) -> ``audio_values`` (B, 1, F * 320).
 
-        ``audio_codes_mask`` (B, 1, F) or (B, F): decode each item's valid codes as if alone (padding-
+        ``audio_codes_mask`` (B, F) or (B, 1, F): decode each item's valid codes as if alone (padding-
         exact); samples after an item's last valid frame are zero.
         """
         if audio_codes is None and latents is None:
@@ -191,7 +193,7 @@ class Xcodec2Model:
         if frame_lengths is not None:
             samples = jnp.arange(audio.shape[-1])[None, :]
             audio = jnp.where(samples < frame_lengths[:, None] * self.config.hop_length, audio, 0.0)
-        return Xcodec2DecoderOutput(audio_values=np.asarray(audio)[:, None, :])
+        return Xcodec2DecoderOutput(audio_values=np.array(audio)[:, None, :])
 
     def __call__(self, input_values, input_features, padding_mask=None, input_features_mask=None,
                  output_latents: bool = False) -> Xcodec2Output:
@@ -206,7 +208,7 @@ class Xcodec2Model:
         if lengths is not None:
             audio = jnp.where(jnp.arange(total)[None, :] < lengths[:, None], audio, 0.0)
         return Xcodec2Output(
-            audio_values=np.asarray(audio)[:, None, :],
+            audio_values=np.array(audio)[:, None, :],
             audio_codes=encoded.audio_codes,
             audio_codes_mask=encoded.audio_codes_mask,
             latents=encoded.latents if output_latents else None,

@@ -27,6 +27,9 @@ FLAX_FORMAT = "xcodec2-jax"
 FLAX_FORMAT_VERSION = "1"
 
 
+Layout = Callable[[np.ndarray], np.ndarray]
+
+
 def _identity(w: np.ndarray) -> np.ndarray:
     return w
 
@@ -50,7 +53,7 @@ class Rule:
 
     pattern: str
     target: str | None
-    layout: Callable[[np.ndarray], np.ndarray] = _identity
+    layout: Layout = _identity
 
 
 TABLE: tuple[Rule, ...] = (
@@ -73,7 +76,7 @@ def flax_key(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def translate(key: str) -> tuple[str | None, Callable[[np.ndarray], np.ndarray]] | None:
+def translate(key: str) -> tuple[str | None, Layout] | None:
     """(Flax key or IGNORE, layout) for a Transformers checkpoint key, or None if no rule matches."""
     for rule in TABLE:
         if re.match(rule.pattern, key):
@@ -82,48 +85,55 @@ def translate(key: str) -> tuple[str | None, Callable[[np.ndarray], np.ndarray]]
     return None
 
 
+def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape, from the safetensors headers only (no tensor data is read)."""
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """Stream (key, numpy array) pairs from one or more safetensors files (bf16 via ml_dtypes)."""
     for path in files:
         with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+            for key in f.keys():  # noqa: SIM118
                 yield key, f.get_tensor(key)
 
 
-def _expected_params(abstract: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
-    return {flax_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+def expected_params(abstract: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flax key -> shape/dtype of every parameter of a module (typically from ``nnx.eval_shape``)."""
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {flax_key(path): var.get_value() for path, var in flat}
 
 
-def load_params(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *, source: str) -> nnx.State:
-    """Fill the parameters of ``abstract`` (from ``nnx.eval_shape``) from checkpoint tensors.
+def plan_load(expected: dict[str, jax.ShapeDtypeStruct], shapes: dict[str, tuple[int, ...]],
+              source: str) -> dict[str, tuple[str, Layout]]:
+    """Checkpoint key -> (Flax key, layout) for every key that fills a parameter.
 
     ``source`` is "transformers" (keys translated through ``TABLE``) or "flax" (keys are Flax paths).
-    Returns the parameter state, arrays cast to each parameter's dtype.
+    Raises :class:`CheckpointError` naming every missing, unexpected and mis-shaped key.
     """
-    expected = _expected_params(abstract)
-    filled: dict[str, jax.Array] = {}
-    unexpected, misshaped = [], []
-    for key, array in tensors:
-        if source == "flax":
-            target, layout = key, _identity
-        else:
-            match = translate(key)
-            if match is None:
-                unexpected.append(key)
-                continue
-            target, layout = match
-            if target is None:
-                continue
-        if target not in expected:
+    plan: dict[str, tuple[str, Layout]] = {}
+    unexpected, misshaped, claimed = [], [], set()
+    for key, shape in shapes.items():
+        match = (key, _identity) if source == "flax" else translate(key)
+        if match is None or (match[0] is not None and match[0] not in expected):
             unexpected.append(key)
             continue
-        array = layout(array)
-        want = expected[target]
-        if tuple(array.shape) != tuple(want.shape):
-            misshaped.append(f"{key}: checkpoint {tuple(array.shape)} (after layout), model {tuple(want.shape)}")
+        target, layout = match
+        if target is None:  # consumed on purpose (IGNORE rule)
             continue
-        filled[target] = jnp.asarray(np.asarray(array, dtype=np.float32), dtype=want.dtype)
-    missing = sorted(set(expected) - set(filled))
+        claimed.add(target)
+        laid_out = layout(np.broadcast_to(np.float32(0), shape)).shape  # zero-stride view: no memory
+        if laid_out != tuple(expected[target].shape):
+            misshaped.append(f"{key}: checkpoint {shape} -> {laid_out} after layout, model wants "
+                             f"{tuple(expected[target].shape)} at {target}")
+            continue
+        plan[key] = (target, layout)
+    missing = sorted(set(expected) - claimed)
     if missing or unexpected or misshaped:
         lines = ["checkpoint does not match the model config:"]
         for title, keys in (("missing parameters", missing), ("unexpected keys", unexpected),
@@ -131,9 +141,25 @@ def load_params(abstract: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]],
             if keys:
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
         raise CheckpointError("\n".join(lines))
+    return plan
+
+
+def load_params(abstract: nnx.Module, files: Iterable[Path], *, source: str) -> nnx.State:
+    """Fill the parameters of ``abstract`` (from ``nnx.eval_shape``) from safetensors ``files``.
+
+    Names and shapes are checked from the file headers before any tensor is read. Arrays are cast to
+    each parameter's dtype (so bf16/fp16 checkpoints load into a float32 model and vice versa).
+    """
+    files = list(files)
+    expected = expected_params(abstract)
+    plan = plan_load(expected, read_shapes(files), source)
     state = nnx.state(abstract, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(filled[flax_key(path)])
+    by_target = {flax_key(path): var for path, var in nnx.to_flat_state(state)}
+    for key, array in read_safetensors(files):
+        if key in plan:
+            target, layout = plan[key]
+            var = by_target[target]
+            var.set_value(jnp.asarray(np.asarray(layout(array), np.float32), var.get_value().dtype))
     return state
 
 

@@ -55,7 +55,7 @@ def rotate_half(x: Array) -> Array:
 
 
 class Attention(nnx.Module):
-    """Bidirectional multi-head attention (grouped KV heads allowed) with X-Codec2's RoPE.
+    """Bidirectional multi-head attention with X-Codec2's RoPE.
 
     The rotary angle of every query/key is its *head index* times the inverse frequencies, not its time
     step: the reference builds position ids as ``arange(num_attention_heads)`` and broadcasts over heads.
@@ -64,29 +64,24 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
-        dim, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
-                                          config.num_key_value_heads, config.head_dim)
-        bias = config.attention_bias
+        dim, heads, head_dim, bias = config.hidden_size, config.num_attention_heads, config.head_dim, \
+            config.attention_bias
         self.q_proj = Linear(dim, heads * head_dim, use_bias=bias, numerics=numerics, rngs=rngs)
-        self.k_proj = Linear(dim, kv_heads * head_dim, use_bias=bias, numerics=numerics, rngs=rngs)
-        self.v_proj = Linear(dim, kv_heads * head_dim, use_bias=bias, numerics=numerics, rngs=rngs)
+        self.k_proj = Linear(dim, heads * head_dim, use_bias=bias, numerics=numerics, rngs=rngs)
+        self.v_proj = Linear(dim, heads * head_dim, use_bias=bias, numerics=numerics, rngs=rngs)
         self.o_proj = Linear(heads * head_dim, dim, use_bias=bias, numerics=numerics, rngs=rngs)
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.heads, self.head_dim = heads, head_dim
         self.rope_theta = config.rope_theta
         self.numerics = numerics
 
     def __call__(self, x: Array, mask: Array | None) -> Array:
         """x (B, F, C), mask (B, F, 1) or None -> (B, F, C)."""
         b, f, _ = x.shape
-        q = self.q_proj(x).reshape(b, f, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, f, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, f, self.kv_heads, self.head_dim)
-        kv_groups = self.heads // self.kv_heads
+        split = lambda h: h.reshape(b, f, self.heads, self.head_dim)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         cos, sin = (jnp.asarray(t, q.dtype) for t in rope_tables(self.heads, self.head_dim, self.rope_theta))
         q = q * cos + rotate_half(q) * sin
-        k = k * cos[::kv_groups] + rotate_half(k) * sin[::kv_groups]
-        if kv_groups > 1:
-            k, v = jnp.repeat(k, kv_groups, axis=2), jnp.repeat(v, kv_groups, axis=2)
+        k = k * cos + rotate_half(k) * sin
         precision = self.numerics.precision
         scores = jnp.einsum("blhd,brhd->bhlr", q, k, precision=precision) * self.head_dim**-0.5
         scores = scores.astype(jnp.float32)

@@ -1,0 +1,124 @@
+"""The checkpoint table and strict loading: every key consumed, every parameter filled, shapes checked."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from transformers import Xcodec2Config as TorchXcodec2Config
+from transformers import Xcodec2Model as TorchXcodec2Model
+
+from xcodec2_jax import CheckpointError, Xcodec2Config, Xcodec2Model
+from xcodec2_jax.nn.codec import Xcodec2Codec
+from xcodec2_jax.weights import TABLE, expected_params, plan_load, translate
+
+
+def _edited_checkpoint(reference, tmp_path, edit):
+    """A copy of the reference checkpoint whose tensors went through ``edit(dict) -> dict``."""
+    shutil.copy(reference.checkpoint / "config.json", tmp_path / "config.json")
+    tensors = edit(load_file(reference.checkpoint / "model.safetensors"))
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def _state_arrays(model: Xcodec2Model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(model.state)}
+
+
+def test_full_size_checkpoint_layout_is_covered_by_the_table():
+    """Transformers' full-size state dict (meta tensors, no memory) maps onto our full-size tree exactly."""
+    with torch.device("meta"):
+        torch_model = TorchXcodec2Model(TorchXcodec2Config())
+    shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    abstract = nnx.eval_shape(lambda: Xcodec2Codec(Xcodec2Config(), rngs=nnx.Rngs(0)))
+    expected = expected_params(abstract)
+    plan = plan_load(expected, shapes, "transformers")
+    assert {target for target, _ in plan.values()} == set(expected)
+    assert sum(int(np.prod(s.shape)) for s in expected.values()) == pytest.approx(629e6, rel=0.01)
+    used = {next(rule for rule in TABLE if re.match(rule.pattern, key)) for key in shapes}
+    assert used == set(TABLE), "every rule of the table is used by the real checkpoint layout"
+
+
+def test_renamed_key_is_reported_by_name(reference, tmp_path):
+    old = "acoustic_decoder.prior_net.0.conv1.weight"
+    directory = _edited_checkpoint(reference, tmp_path, lambda t: {("acoustic_decoder.prior_net.0.conv1.w"
+                                                                    if k == old else k): v for k, v in t.items()})
+    with pytest.raises(CheckpointError) as err:
+        Xcodec2Model.from_pretrained(directory)
+    message = str(err.value)
+    assert "missing parameters (1): acoustic_decoder.prior_net.0.conv1.kernel" in message
+    assert "unexpected keys (1): acoustic_decoder.prior_net.0.conv1.w" in message
+
+
+def test_wrong_shape_is_reported_by_name(reference, tmp_path):
+    key = "semantic_encoder.encoder.layers.1.self_attn.linear_q.weight"
+    directory = _edited_checkpoint(reference, tmp_path, lambda t: {**t, key: t[key][:, :-1].copy()})
+    with pytest.raises(CheckpointError, match=re.escape(f"mis-shaped keys (1): {key}: checkpoint (32, 31)")):
+        Xcodec2Model.from_pretrained(directory)
+
+
+def test_extra_key_is_reported(reference, tmp_path):
+    directory = _edited_checkpoint(reference, tmp_path, lambda t: {**t, "quantizer.extra.weight": np.zeros(3)})
+    with pytest.raises(CheckpointError, match=re.escape("unexpected keys (1): quantizer.extra.weight")):
+        Xcodec2Model.from_pretrained(directory)
+
+
+def test_non_persistent_buffers_are_not_expected():
+    for buffer in ("quantizer.quantizer.codebook", "acoustic_decoder.head.window",
+                   "acoustic_encoder.conv1.upsample.filter"):
+        match = translate(buffer)
+        assert match is None or match[0] not in expected_params(
+            nnx.eval_shape(lambda: Xcodec2Codec(Xcodec2Config(), rngs=nnx.Rngs(0)))
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_load(reference, tmp_path, dtype, torch_features):
+    copy.deepcopy(reference.torch_model).to(dtype).save_pretrained(tmp_path)
+    model = Xcodec2Model.from_pretrained(tmp_path)
+    assert all(v.dtype == np.float32 for v in _state_arrays(model).values())
+    # Same weights as Transformers reads from that file, so the same codes.
+    torch_model = TorchXcodec2Model.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch_model.encode(**torch_features).audio_codes.numpy()
+    features = {k: v.numpy() for k, v in torch_features.items()}
+    got = model.encode(features["input_values"], features["input_features"],
+                       input_features_mask=features["input_features_mask"]).audio_codes
+    assert (got == want).mean() >= 0.999
+
+
+def test_sharded_checkpoint_loads(reference, tmp_path):
+    reference.torch_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sharded, single = _state_arrays(Xcodec2Model.from_pretrained(tmp_path)), _state_arrays(reference.model)
+    assert sharded.keys() == single.keys()
+    for key in single:
+        np.testing.assert_array_equal(sharded[key], single[key])
+
+
+def test_flax_checkpoint_round_trip(reference, tmp_path):
+    reference.model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "flax_model.safetensors"]
+    reloaded = Xcodec2Model.from_pretrained(tmp_path)
+    assert reloaded.config == reference.model.config
+    before, after = _state_arrays(reference.model), _state_arrays(reloaded)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_bfloat16_model_keeps_norms_in_float32(reference):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16)
+    arrays = _state_arrays(model)
+    assert arrays["acoustic_decoder.layers.0.self_attn.q_proj.kernel"].dtype == jnp.bfloat16
+    assert arrays["acoustic_decoder.norm.scale"].dtype == np.float32
+    assert arrays["acoustic_decoder.prior_net.0.norm1.bias"].dtype == np.float32
+    assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.isfinite(x.astype(jnp.float32)).all()), model.state))

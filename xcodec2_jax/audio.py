@@ -1,0 +1,127 @@
+"""Read, write and resample audio files (soundfile + soxr) and check them before they reach the codec.
+
+Samples are float32 in [-1, 1]. A file is ``(samples, channels)`` as soundfile reads it; everything the codec
+sees is mono ``(samples,)``, made by averaging the channels. Every problem with a file raises ``AudioError``
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+# soxr's "HQ" preset (also librosa's default): deterministic, transparent for speech, faster than "VHQ".
+RESAMPLE_QUALITY = "HQ"
+# One codec frame (hop_length) at 16 kHz: anything shorter cannot be encoded into a single code.
+MIN_SAMPLES = 320
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used: missing, unreadable, empty, too short, or with NaN/Inf samples."""
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a file as float32 ``(samples, channels)`` in [-1, 1] (integer PCM is normalised) and its rate in Hz.
+
+    Raises ``AudioError`` when the file is missing, unreadable, holds no samples or has NaN/Inf samples.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, expected an audio file")
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: the file is empty (0 bytes)")
+    try:
+        wave, sampling_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError) as err:  # soundfile's LibsndfileError is a RuntimeError
+        raise AudioError(
+            f"{path}: cannot read the audio, the file is corrupt or not a supported format ({err})"
+        ) from err
+    if wave.shape[0] == 0:
+        raise AudioError(f"{path}: the audio is empty (0 samples)")
+    _check_finite(wave, path)
+    return wave, sampling_rate
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """Average the channels of float ``(samples, channels)`` audio into float32 ``(samples,)``; 1-D passes through."""
+    wave = np.asarray(wave, dtype=np.float32)
+    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+
+
+def resample(wave: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int) -> np.ndarray:
+    """Resample float ``(samples,)`` or ``(samples, channels)`` audio with soxr; float32, same layout.
+
+    Deterministic: the same input always gives the same output. Equal rates return the input as float32.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if orig_sampling_rate == target_sampling_rate:
+        return wave
+    return soxr.resample(wave, orig_sampling_rate, target_sampling_rate, quality=RESAMPLE_QUALITY)
+
+
+def load_audio_with_info(
+    path: str | Path, sampling_rate: int = 16000, min_samples: int = MIN_SAMPLES
+) -> tuple[np.ndarray, int]:
+    """Load a file as float32 mono ``(samples,)`` at ``sampling_rate``, and the file's own rate in Hz.
+
+    Channels are averaged, then the audio is resampled when the file's rate differs. Raises ``AudioError``
+    for the problems ``read_audio`` checks and for audio shorter than ``min_samples`` after resampling.
+    """
+    wave, orig_sampling_rate = read_audio(path)
+    wave = resample(to_mono(wave), orig_sampling_rate, sampling_rate)
+    if wave.size < min_samples:
+        raise AudioError(
+            f"{path}: the audio is too short: {wave.size} samples at {sampling_rate} Hz, "
+            f"need at least {min_samples} (one codec frame)"
+        )
+    return wave, orig_sampling_rate
+
+
+def load_audio(path: str | Path, sampling_rate: int = 16000, min_samples: int = MIN_SAMPLES) -> np.ndarray:
+    """Load a file as float32 mono ``(samples,)`` at ``sampling_rate``; see ``load_audio_with_info``."""
+    return load_audio_with_info(path, sampling_rate, min_samples)[0]
+
+
+def save_audio(path: str | Path, wave: np.ndarray, sampling_rate: int = 16000, subtype: str = "PCM_16") -> Path:
+    """Write float audio ``(samples,)`` or ``(samples, channels)`` in [-1, 1]; creates parent directories.
+
+    ``subtype`` is a soundfile subtype: ``"PCM_16"`` (default), ``"PCM_24"``, ``"FLOAT"``, ... The format comes
+    from the extension (``.wav``, ``.flac``, ...). Integer PCM is clipped to [-1, 1] first, since libsndfile
+    would otherwise wrap out-of-range samples around. Returns the path written.
+    """
+    path = Path(path)
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim not in (1, 2) or wave.size == 0:
+        raise AudioError(f"{path}: cannot save audio of shape {wave.shape}; expected (samples,) or (samples, channels)")
+    _check_finite(wave, path)
+    if subtype.startswith("PCM"):
+        wave = np.clip(wave, -1.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sf.write(path, wave, sampling_rate, subtype=subtype)
+    except (RuntimeError, TypeError, ValueError) as err:  # LibsndfileError, or a bad subtype for the format
+        raise AudioError(f"{path}: cannot write the audio ({err})") from err
+    return path
+
+
+def _check_finite(wave: np.ndarray, path: Path) -> None:
+    if not np.isfinite(wave).all():
+        count = int(np.size(wave) - np.count_nonzero(np.isfinite(wave)))
+        raise AudioError(f"{path}: the audio has {count} NaN or Inf sample(s)")
+
+
+__all__ = [
+    "MIN_SAMPLES",
+    "AudioError",
+    "load_audio",
+    "load_audio_with_info",
+    "read_audio",
+    "resample",
+    "save_audio",
+    "to_mono",
+]

@@ -1,0 +1,382 @@
+"""X-Codec2 feature extractor: padded audio for the acoustic encoder and Kaldi log-mel fbank for the semantic one.
+
+A numpy port of Transformers' ``Xcodec2FeatureExtractor`` (transformers 5.23.0) with the same numerics and
+no torch / torchaudio. Transformers loops over the batch calling ``torchaudio.compliance.kaldi.fbank``; here the
+whole batch is framed with one strided view and transformed with batched FFTs (in blocks of frames, to bound
+memory). That is exact, not an
+approximation: each item's audio is followed by zeros both in Transformers' per-item padding and in the padded
+batch, so an item's first ``n_i`` frames are identical either way, and only those frames enter its
+normalisation statistics.
+
+The Kaldi recipe (what ``fbank`` computes with the options Transformers passes) per 25 ms frame, 10 ms apart,
+on ``wave * 32768``: subtract the frame mean, pre-emphasis 0.97 (the first sample uses itself as its
+predecessor), Povey window (``hann ** 0.85``, symmetric), zero-pad to 512, power spectrum, 80 triangular mel
+filters between 20 Hz and Nyquist on Kaldi's mel scale ``1127 ln(1 + f / 700)``, then ``log(max(e, eps))``
+with float32's machine epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from xcodec2_jax.audio import resample as resample_audio
+from xcodec2_jax.hub import PREPROCESSOR_CONFIG_NAME, resolve_checkpoint_dir
+
+# Kaldi floors energies at std::numeric_limits<float>::epsilon() before the log.
+_KALDI_EPSILON = float(np.finfo(np.float32).eps)
+# Kaldi reads 16-bit PCM as integers; Transformers rescales float audio in [-1, 1] to that range.
+_INT16_SCALE = 2.0**15
+_PREEMPHASIS = 0.97
+_POVEY_EXPONENT = 0.85
+_LOW_FREQ_HZ = 20.0
+# Per-bin normalisation: (x - mean) / sqrt(unbiased var + this), as in Transformers.
+_NORM_EPSILON = 1e-7
+_FRAMES_PER_BLOCK = 1024
+
+
+class BatchFeature(dict):
+    """The extractor's output: a dict whose keys are also attributes (``features.input_values``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchFeature has no field {name!r}; fields: {sorted(self)}") from None
+
+
+class Xcodec2FeatureExtractor:
+    """Turns raw audio into the four inputs of ``Xcodec2Model``, matching Transformers' extractor.
+
+    Args:
+        feature_size: stored and saved for compatibility; the fbank always has ``num_mel_bins = 80`` bins, as in
+            Transformers.
+        sampling_rate: the rate the model expects, in Hz.
+        padding_value: value of padded fbank frames (the acoustic audio is always padded with zeros).
+        hop_length: audio samples per codec frame; audio is padded to a multiple of it.
+    """
+
+    # Fixed in Transformers' ``__init__`` (not read from the config); saved for compatibility.
+    num_mel_bins = 80
+    stride = 2  # fbank frames stacked per semantic-encoder frame
+    frame_length = 400  # samples per fbank frame (25 ms at 16 kHz)
+    frame_shift = 160  # samples between fbank frames (10 ms at 16 kHz)
+    model_input_names = ("input_features", "input_values", "padding_mask", "input_features_mask")
+
+    def __init__(
+        self,
+        feature_size: int = 80,
+        sampling_rate: int = 16000,
+        padding_value: float = 1.0,
+        hop_length: int = 320,
+    ) -> None:
+        self.feature_size = feature_size
+        self.sampling_rate = sampling_rate
+        self.padding_value = padding_value
+        self.hop_length = hop_length
+
+        # Transformers passes frame length and shift to Kaldi in milliseconds and Kaldi turns them back into
+        # samples with int(); repeat that float round trip so odd sampling rates truncate the same way.
+        self._window_size = int(sampling_rate * (self.frame_length / sampling_rate * 1000) * 0.001)
+        self._window_shift = int(sampling_rate * (self.frame_shift / sampling_rate * 1000) * 0.001)
+        self._fft_size = 1 << (self._window_size - 1).bit_length()  # Kaldi's round_to_power_of_two
+        self._window = _povey_window(self._window_size)
+        # (fft_size // 2 + 1, num_mel_bins): transposed and contiguous for a fast right matmul
+        self._mel_filters = np.ascontiguousarray(
+            _kaldi_mel_filters(
+                self.num_mel_bins, self._fft_size, float(sampling_rate), _LOW_FREQ_HZ, float(sampling_rate // 2)
+            ).T
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(feature_size={self.feature_size}, sampling_rate={self.sampling_rate}, "
+            f"padding_value={self.padding_value}, hop_length={self.hop_length})"
+        )
+
+    # ----------------------------------------------------------------------------------------- config I/O
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, revision: str | None = None) -> Xcodec2FeatureExtractor:
+        """Read ``preprocessor_config.json`` from a local directory or Hub repo; defaults when it is absent."""
+        config_file = resolve_checkpoint_dir(path_or_repo_id, revision) / PREPROCESSOR_CONFIG_NAME
+        if not config_file.is_file():
+            return cls()
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("padding_side", "right") != "right":
+            raise ValueError(f"{config_file}: padding_side={config['padding_side']!r} is not supported, only 'right'")
+        names = ("feature_size", "sampling_rate", "padding_value", "hop_length")
+        return cls(**{name: config[name] for name in names if name in config})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields Transformers' extractor serialises, so either library can load the other's file."""
+        return {
+            "feature_extractor_type": "Xcodec2FeatureExtractor",
+            "feature_size": self.feature_size,
+            "frame_length": self.frame_length,
+            "frame_shift": self.frame_shift,
+            "hop_length": self.hop_length,
+            "num_mel_bins": self.num_mel_bins,
+            "padding_side": "right",
+            "padding_value": self.padding_value,
+            "return_attention_mask": True,
+            "sampling_rate": self.sampling_rate,
+            "stride": self.stride,
+        }
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``preprocessor_config.json`` (Transformers' format) into ``save_directory``; returns its path."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config_file = directory / PREPROCESSOR_CONFIG_NAME
+        config_file.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return config_file
+
+    # ------------------------------------------------------------------------------------------ features
+
+    def __call__(
+        self,
+        audio: Any,
+        sampling_rate: int | None = None,
+        padding: bool | str = True,
+        return_tensors: str | None = "np",
+        resample: bool = False,
+    ) -> BatchFeature:
+        """Compute the model inputs for one clip or a batch.
+
+        Args:
+            audio: one clip or a list of clips, interpreted like Transformers' ``make_list_of_audio``: an array
+                (any array-like with ``ndim``) or a list of numbers is ONE clip; a list/tuple of those is a
+                batch; a list of lists of clips is flattened. A 1-D clip is ``(samples,)``. A 2-D array is one
+                clip shaped ``(channels, samples)`` (never a batch) and is mixed down to mono by averaging the
+                channels. Float arrays are used as they are (float64 is cast to float32, like Transformers);
+                integer arrays are PCM and are scaled to [-1, 1] like soundfile does (int16 / 2**15,
+                int32 / 2**31, uint8 as (x - 128) / 128). Lists of numbers are read as float samples.
+            sampling_rate: rate of ``audio`` in Hz. A mismatch raises ``ValueError`` unless ``resample=True``.
+                ``None`` warns and assumes ``self.sampling_rate``.
+            padding: only ``True`` / ``"longest"`` (pad to the longest clip) is supported; Transformers' other
+                strategies fail or mis-size the fbank padding for this extractor.
+            return_tensors: ``"np"`` or ``None`` for numpy arrays, ``"jax"`` for jax arrays.
+            resample: resample ``audio`` from ``sampling_rate`` to ``self.sampling_rate`` instead of raising.
+
+        Returns:
+            ``BatchFeature`` with, for B clips, ``T`` = longest clip + 1 rounded up to a multiple of
+            ``hop_length``, ``F`` = (number of 10 ms fbank frames of the longest clip rounded up to even) / 2:
+
+            - ``input_values``: float32 (B, 1, T), zero-padded audio.
+            - ``padding_mask``: int32 (B, T), 1 for each clip's samples plus one extra (Transformers counts the
+              zero sample it appends as valid).
+            - ``input_features``: float32 (B, F, 160), normalised log-mel frames stacked in pairs.
+            - ``input_features_mask``: int32 (B, F), 1 where both stacked frames are valid.
+        """
+        if return_tensors not in (None, "np", "jax"):
+            raise ValueError(f"return_tensors must be 'np', 'jax' or None, got {return_tensors!r}")
+        if padding not in (True, "longest"):
+            raise ValueError(f"only padding=True / 'longest' is supported, got {padding!r}")
+        waves = [_to_mono_float32(clip, index) for index, clip in enumerate(_make_list_of_audio(audio))]
+        waves = self._check_sampling_rate(waves, sampling_rate, resample)
+
+        input_values, padding_mask, lengths = self._pad_audio(waves)
+        features, frame_mask = self._normalized_fbank(input_values, lengths)
+        outputs = {
+            "input_values": input_values[:, None, :],
+            "padding_mask": padding_mask,
+            "input_features": features,
+            "input_features_mask": frame_mask,
+        }
+        if return_tensors == "jax":
+            outputs = {name: jnp.asarray(value) for name, value in outputs.items()}
+        return BatchFeature(outputs)
+
+    def _check_sampling_rate(
+        self, waves: list[np.ndarray], sampling_rate: int | None, resample: bool
+    ) -> list[np.ndarray]:
+        if sampling_rate is None:
+            warnings.warn(
+                f"No sampling_rate passed to {type(self).__name__}; assuming {self.sampling_rate} Hz. Pass it "
+                "to catch audio at the wrong rate, which otherwise fails silently.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return waves
+        if sampling_rate == self.sampling_rate:
+            return waves
+        if not resample:
+            raise ValueError(
+                f"The audio is sampled at {sampling_rate} Hz but this feature extractor expects "
+                f"{self.sampling_rate} Hz. Resample it first, or pass resample=True."
+            )
+        return [resample_audio(wave, sampling_rate, self.sampling_rate) for wave in waves]
+
+    def _pad_audio(self, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Append one zero sample per clip, then zero-pad to the longest, rounded up to a hop multiple.
+
+        Returns ``input_values`` float32 (B, T), ``padding_mask`` int32 (B, T) and the valid lengths (B,).
+        """
+        lengths = np.array([wave.size + 1 for wave in waves])
+        total = -(-lengths.max() // self.hop_length) * self.hop_length
+        input_values = np.zeros((len(waves), total), dtype=np.float32)
+        for row, wave in zip(input_values, waves, strict=True):
+            row[: wave.size] = wave
+        padding_mask = (np.arange(total) < lengths[:, None]).astype(np.int32)
+        return input_values, padding_mask, lengths
+
+    def _normalized_fbank(self, input_values: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-clip normalised Kaldi fbank, padded and stacked: float32 (B, F, 160) and int32 mask (B, F)."""
+        batch = input_values.shape[0]
+        # Transformers runs fbank on each clip's valid length rounded up to a hop multiple, plus hop // 2
+        # zeros each side; the batch padded the same way yields the same first frames per clip.
+        edge = self.hop_length // 2
+        clip_samples = -(-lengths // self.hop_length) * self.hop_length + 2 * edge
+        num_frames = 1 + (clip_samples - self._window_size) // self._window_shift  # (B,)
+        if num_frames.min() < 2:
+            index = int(num_frames.argmin())
+            raise ValueError(
+                f"audio item {index} gives {max(int(num_frames[index]), 0)} fbank frame(s); the per-bin variance "
+                f"needs at least 2 (hop_length={self.hop_length} is too small for {self._window_size}-sample "
+                "frames)"
+            )
+        frames = self._frames(np.pad(input_values, ((0, 0), (edge, edge))))  # (B, N, window) view
+        valid = np.arange(frames.shape[1]) < num_frames[:, None]  # (B, N)
+        # Only each clip's own frames are transformed, clip after clip: (M, 80) for M = sum(num_frames). Blocks
+        # keep the float64 temporaries a few MB, cache-resident and flat in memory however long the batch.
+        clip_index, frame_index = np.nonzero(valid)
+        log_mel = np.empty((clip_index.size, self.num_mel_bins))
+        for start in range(0, clip_index.size, _FRAMES_PER_BLOCK):
+            block = slice(start, start + _FRAMES_PER_BLOCK)
+            log_mel[block] = self._log_mel(frames[clip_index[block], frame_index[block]])
+
+        # Per-clip, per-bin statistics over contiguous row segments; the variance is unbiased, as in Transformers.
+        starts = np.concatenate([[0], np.cumsum(num_frames)[:-1]])
+        mean = np.add.reduceat(log_mel, starts, axis=0) / num_frames[:, None]  # (B, 80)
+        centered = log_mel - np.repeat(mean, num_frames, axis=0)
+        variance = np.add.reduceat(np.square(centered), starts, axis=0) / (num_frames[:, None] - 1)
+        normalized = centered / np.repeat(np.sqrt(variance + _NORM_EPSILON), num_frames, axis=0)
+
+        # Pad to an even number of frames with padding_value, then stack frame pairs into 2 * 80 features.
+        total_frames = -(-frames.shape[1] // self.stride) * self.stride
+        features = np.full((batch, total_frames, self.num_mel_bins), self.padding_value, dtype=np.float32)
+        features[:, : frames.shape[1]][valid] = normalized
+        frame_mask = np.zeros((batch, total_frames), dtype=np.int32)
+        frame_mask[:, : frames.shape[1]] = valid
+        stacked = features.reshape(batch, total_frames // self.stride, self.stride * self.num_mel_bins)
+        return stacked, frame_mask.reshape(batch, -1, self.stride).min(axis=-1)
+
+    def _frames(self, waves: np.ndarray) -> np.ndarray:
+        """Kaldi's snip_edges framing (only whole frames) of (B, L) audio: a strided view (B, N, window)."""
+        windows = np.lib.stride_tricks.sliding_window_view(waves, self._window_size, axis=-1)
+        return windows[:, :: self._window_shift]
+
+    def _log_mel(self, frames: np.ndarray) -> np.ndarray:
+        """Kaldi log-mel fbank of float32 frames (..., window) of audio in [-1, 1]: float64 (..., 80).
+
+        Computed in float64, i.e. Kaldi's math without rounding; the float32 reference differs from it by its
+        own rounding, mostly in bins whose energy is tiny next to the rest of the frame.
+        """
+        frames = np.multiply(frames, _INT16_SCALE, dtype=np.float64)  # a copy, safe to modify in place
+        frames -= frames.mean(axis=-1, keepdims=True)  # remove DC offset
+        # Pre-emphasis x[j] - 0.97 x[j - 1]; Kaldi uses x[0] itself as the predecessor of the first sample
+        # (which the Povey window then zeroes anyway).
+        previous = np.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
+        frames -= _PREEMPHASIS * previous
+        frames *= self._window
+        spectrum = np.fft.rfft(frames, n=self._fft_size, axis=-1)  # zero-padded to the FFT size
+        power = np.square(spectrum.real) + np.square(spectrum.imag)
+        return np.log(np.maximum(power @ self._mel_filters, _KALDI_EPSILON))
+
+
+def _povey_window(size: int) -> np.ndarray:
+    """Kaldi's Povey window, a symmetric Hann window to the power 0.85: float64 (size,)."""
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(size) / (size - 1))
+    return hann**_POVEY_EXPONENT
+
+
+def _kaldi_mel_filters(
+    num_bins: int, fft_size: int, sample_freq: float, low_freq: float, high_freq: float
+) -> np.ndarray:
+    """Kaldi's triangular mel filters (no VTLN warp): float64 (num_bins, fft_size // 2 + 1).
+
+    The filters are triangles equally spaced on the mel scale ``1127 ln(1 + f / 700)``, evaluated at the FFT
+    bin centres in mel; the Nyquist bin gets weight 0, as in Kaldi.
+    """
+
+    def mel(freq):
+        return 1127.0 * np.log(1.0 + np.asarray(freq) / 700.0)
+
+    mel_low, mel_high = mel(low_freq), mel(high_freq)
+    delta = (mel_high - mel_low) / (num_bins + 1)  # num_bins + 1 intervals: the edge triangles spread out
+    left = mel_low + np.arange(num_bins)[:, None] * delta
+    center, right = left + delta, left + 2 * delta
+    bin_mel = mel(sample_freq / fft_size * np.arange(fft_size // 2))[None, :]
+    up_slope = (bin_mel - left) / (center - left)
+    down_slope = (right - bin_mel) / (right - center)
+    filters = np.maximum(0.0, np.minimum(up_slope, down_slope))
+    return np.pad(filters, ((0, 0), (0, 1)))
+
+
+def _is_clip(value: Any) -> bool:
+    """One clip: an array-like with ``ndim`` (numpy, jax, torch) or a non-empty list/tuple of numbers."""
+    if isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "ndim")):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], numbers.Real)
+
+
+def _make_list_of_audio(audio: Any) -> list[Any]:
+    """Transformers' ``make_list_of_audio`` rules: one clip -> [clip]; a batch stays; nested batches flatten."""
+    if _is_clip(audio):
+        return [audio]
+    if isinstance(audio, (list, tuple)) and audio:
+        if all(_is_clip(item) for item in audio):
+            return list(audio)
+        if all(isinstance(group, (list, tuple)) and all(_is_clip(item) for item in group) for group in audio):
+            return [item for group in audio for item in group]
+    raise ValueError(
+        "audio must be one clip (an array or a list of floats), a list of clips, or a list of lists of clips; "
+        f"got {type(audio).__name__}" + (" (empty)" if isinstance(audio, (list, tuple)) and not audio else "")
+    )
+
+
+def _to_mono_float32(clip: Any, index: int) -> np.ndarray:
+    """Validate one clip and return it as float32 (samples,); ``(channels, samples)`` is averaged to mono."""
+    if isinstance(clip, (list, tuple)):
+        try:
+            wave = np.asarray(clip, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"audio item {index}: cannot read the list as float samples ({err})") from None
+    else:
+        wave = _pcm_to_float32(np.asarray(clip), index)
+    if wave.ndim not in (1, 2):
+        raise ValueError(f"audio item {index} has shape {wave.shape}; expected (samples,) or (channels, samples)")
+    if wave.size == 0:
+        raise ValueError(f"audio item {index} is empty (shape {wave.shape})")
+    if wave.ndim == 2:
+        if wave.shape[0] > wave.shape[1]:
+            raise ValueError(
+                f"audio item {index} has shape {wave.shape}: more channels than samples. Expected "
+                "(channels, samples); transpose (samples, channels) arrays"
+            )
+        wave = wave.mean(axis=0, dtype=np.float32)
+    if not np.isfinite(wave).all():
+        bad = int(np.flatnonzero(~np.isfinite(wave))[0])
+        raise ValueError(f"audio item {index} contains NaN or Inf samples (first at sample {bad}: {wave[bad]})")
+    return wave
+
+
+def _pcm_to_float32(wave: np.ndarray, index: int) -> np.ndarray:
+    """Float arrays cast to float32; integer PCM scaled into [-1, 1] the way soundfile reads it."""
+    if wave.dtype.kind == "f":
+        return wave.astype(np.float32, copy=False)
+    if wave.dtype.kind in "iu":
+        half_range = 2.0 ** (8 * wave.dtype.itemsize - 1)
+        offset = half_range if wave.dtype.kind == "u" else 0.0  # unsigned PCM (8-bit WAV) is centred at 128
+        return ((wave.astype(np.float64) - offset) / half_range).astype(np.float32)
+    raise ValueError(f"audio item {index} has dtype {wave.dtype}; expected float or integer PCM samples")
+
+
+__all__ = ["BatchFeature", "Xcodec2FeatureExtractor"]
