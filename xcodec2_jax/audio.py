@@ -87,6 +87,31 @@ def load_audio(path: str | Path, sampling_rate: int = 16000, min_samples: int = 
     return load_audio_with_info(path, sampling_rate, min_samples)[0]
 
 
+def as_wave(wave, name: str, min_samples: int = MIN_SAMPLES) -> np.ndarray:
+    """Check an in-memory clip and return it as float32 mono ``(samples,)``.
+
+    ``wave`` is ``(samples,)`` or ``(channels, samples)`` (averaged to mono), float or integer PCM (scaled
+    to [-1, 1] as soundfile does). ``name`` identifies the clip in the ``AudioError`` raised when it is
+    empty, shorter than ``min_samples``, not numeric, or has NaN/Inf samples.
+    """
+    wave = np.asarray(wave)
+    if wave.dtype.kind in "iu":
+        half_range = 2.0 ** (8 * wave.dtype.itemsize - 1)
+        wave = (wave.astype(np.float64) - (half_range if wave.dtype.kind == "u" else 0.0)) / half_range
+    elif wave.dtype.kind != "f":
+        raise AudioError(f"{name}: expected float or integer PCM samples, got dtype {wave.dtype}")
+    if wave.ndim == 2:
+        wave = wave.mean(axis=0)
+    if wave.ndim != 1:
+        raise AudioError(f"{name}: expected (samples,) or (channels, samples) audio, got shape {wave.shape}")
+    wave = wave.astype(np.float32, copy=False)
+    if wave.size < min_samples:
+        raise AudioError(f"{name}: the audio is too short: {wave.size} samples, need at least {min_samples} "
+                         "(one codec frame)")
+    _check_finite(wave, name)
+    return wave
+
+
 def save_audio(path: str | Path, wave: np.ndarray, sampling_rate: int = 16000, subtype: str = "PCM_16") -> Path:
     """Write float audio ``(samples,)`` or ``(samples, channels)`` in [-1, 1]; creates parent directories.
 
@@ -109,7 +134,7 @@ def save_audio(path: str | Path, wave: np.ndarray, sampling_rate: int = 16000, s
     return path
 
 
-def _check_finite(wave: np.ndarray, path: Path) -> None:
+def _check_finite(wave: np.ndarray, path: Path | str) -> None:
     if not np.isfinite(wave).all():
         count = int(np.size(wave) - np.count_nonzero(np.isfinite(wave)))
         raise AudioError(f"{path}: the audio has {count} NaN or Inf sample(s)")
@@ -118,6 +143,7 @@ def _check_finite(wave: np.ndarray, path: Path) -> None:
 __all__ = [
     "MIN_SAMPLES",
     "AudioError",
+    "as_wave",
     "load_audio",
     "load_audio_with_info",
     "read_audio",

@@ -194,6 +194,19 @@ class Xcodec2FeatureExtractor:
             outputs = {name: jnp.asarray(value) for name, value in outputs.items()}
         return BatchFeature(outputs)
 
+    def item_features(self, waveform: np.ndarray) -> np.ndarray:
+        """Stacked log-mel features (T / hop, 160) float32 of one mono clip already zero-padded to a hop multiple.
+
+        What the batch call computes for a clip on its own, minus its one-sample padding rule: the inference
+        engine uses it for clips it has padded itself and for the windows it cuts from long audio.
+        """
+        if waveform.ndim != 1 or waveform.size == 0 or waveform.size % self.hop_length:
+            raise ValueError(f"waveform must be 1-D with a length that is a multiple of {self.hop_length}, "
+                             f"got shape {waveform.shape}")
+        wave = waveform.astype(np.float32, copy=False)[None, :]
+        features, _ = self._normalized_fbank(wave, np.array([wave.shape[1]]))
+        return features[0]
+
     def _check_sampling_rate(
         self, waves: list[np.ndarray], sampling_rate: int | None, resample: bool
     ) -> list[np.ndarray]:

@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from . import engine
+from .audio import as_wave, load_audio, resample
 from .config import Xcodec2Config
+from .engine import Engine, EngineSettings
 from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, CheckpointNotFoundError, find_weights, resolve_checkpoint_dir
 from .nn.codec import Xcodec2Codec
 from .nn.layers import Numerics
@@ -74,6 +76,7 @@ class Xcodec2Model:
         self.config = config
         self.graphdef, self.state = nnx.split(codec)
         self.dtype = codec.numerics.dtype
+        self._engines: dict[EngineSettings, Engine] = {}
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
@@ -153,7 +156,7 @@ class Xcodec2Model:
             feature_mask = _as_batch("input_features_mask", input_features_mask, 2).astype(bool)
         elif lengths is not None:
             feature_mask = jnp.arange(frames)[None, :] < (lengths // hop)[:, None]
-        codes, latents = engine.encode(self.graphdef, self.state, waveform, features, lengths, feature_mask)
+        codes, latents = engine.encode_arrays(self.graphdef, self.state, waveform, features, lengths, feature_mask)
         codes_mask = None
         if padding_mask is not None:
             # As Transformers: only frames fully covered by real samples count as valid codes.
@@ -180,7 +183,7 @@ class Xcodec2Model:
             if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size):
                 raise ValueError(f"audio_codes must lie in [0, {self.config.codebook_size}); "
                                  f"got values in [{int(codes.min())}, {int(codes.max())}]")
-            hidden = engine.latents_from_codes(self.graphdef, self.state, codes[:, 0].astype(jnp.int32))
+            hidden = engine.codes_to_latents(self.graphdef, self.state, codes[:, 0].astype(jnp.int32))
         else:
             hidden = _as_batch("latents", latents, 3).transpose(0, 2, 1)
             if hidden.shape[-1] != self.config.quantization_dim:
@@ -189,7 +192,7 @@ class Xcodec2Model:
         if audio_codes_mask is not None:
             mask = jnp.asarray(audio_codes_mask)
             frame_lengths = mask.reshape(mask.shape[0], -1).astype(jnp.int32).sum(-1)
-        audio = engine.decode(self.graphdef, self.state, hidden, frame_lengths)
+        audio = engine.decode_latents(self.graphdef, self.state, hidden, frame_lengths)
         if frame_lengths is not None:
             samples = jnp.arange(audio.shape[-1])[None, :]
             audio = jnp.where(samples < frame_lengths[:, None] * self.config.hop_length, audio, 0.0)
@@ -204,7 +207,7 @@ class Xcodec2Model:
         lengths = self._lengths(padding_mask, total)
         frame_lengths = None if lengths is None else lengths // self.config.hop_length
         hidden = jnp.asarray(encoded.latents).transpose(0, 2, 1)
-        audio = engine.decode(self.graphdef, self.state, hidden, frame_lengths)[:, :total]
+        audio = engine.decode_latents(self.graphdef, self.state, hidden, frame_lengths)[:, :total]
         if lengths is not None:
             audio = jnp.where(jnp.arange(total)[None, :] < lengths[:, None], audio, 0.0)
         return Xcodec2Output(
@@ -213,3 +216,61 @@ class Xcodec2Model:
             audio_codes_mask=encoded.audio_codes_mask,
             latents=encoded.latents if output_latents else None,
         )
+
+    # -------------------------------------------------------------------------- many clips (engine)
+    def engine(self, settings: EngineSettings | None = None) -> Engine:
+        """The batched, bucketed, sharded :class:`Engine` for ``settings`` (created once, then reused)."""
+        settings = settings or EngineSettings()
+        if settings not in self._engines:
+            self._engines[settings] = Engine(self.graphdef, self.state, self.config, settings)
+        return self._engines[settings]
+
+    def encode_audio(self, waves_or_paths, sampling_rate: int | None = None, *, progress: bool = False,
+                     settings: EngineSettings | None = None) -> list[np.ndarray]:
+        """Clips or audio files -> one 1-D int32 code array per clip (50 codes per second at 16 kHz).
+
+        Args:
+            waves_or_paths: a clip, a path, or a list of them. Clips are (samples,) or (channels, samples)
+                arrays (channels are averaged); files are read with soundfile, mixed to mono and resampled.
+            sampling_rate: the rate of the in-memory clips (default: the model's, 16 kHz); other rates are
+                resampled with soxr.
+            progress: show a progress bar.
+            settings: batching, bucketing and windowing (:class:`EngineSettings`).
+
+        Each clip's codes are those of the clip encoded alone (padding-exact batching), with the trailing
+        partial frame dropped as Transformers' ``audio_codes_mask`` does: ``(len(clip) + 1) // 320`` codes.
+        """
+        items = waves_or_paths if isinstance(waves_or_paths, (list, tuple)) else [waves_or_paths]
+        rate = self.config.sampling_rate
+        waves = []
+        for index, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                waves.append(load_audio(item, rate))
+                continue
+            wave = as_wave(item, f"audio item {index}", min_samples=1)
+            if sampling_rate is not None and sampling_rate != rate:
+                wave = resample(wave, sampling_rate, rate)
+            waves.append(as_wave(wave, f"audio item {index}"))
+        return self.engine(settings).encode(waves, progress=progress)
+
+    def decode_codes(self, codes, *, progress: bool = False, settings: EngineSettings | None = None
+                     ) -> list[np.ndarray]:
+        """1-D integer code arrays -> float32 16 kHz waveforms of ``len(codes) * 320`` samples each."""
+        items = codes if isinstance(codes, (list, tuple)) else [codes]
+        checked = [self._check_codes(c, index) for index, c in enumerate(items)]
+        nonempty = [i for i, c in enumerate(checked) if c.size]
+        audio = self.engine(settings).decode([checked[i] for i in nonempty], progress=progress)
+        out = [np.zeros(0, np.float32) for _ in checked]
+        for i, wave in zip(nonempty, audio, strict=True):
+            out[i] = wave
+        return out
+
+    def _check_codes(self, codes, index: int) -> np.ndarray:
+        array = np.asarray(codes)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"codes item {index}: expected a 1-D integer array, got {array.dtype} {array.shape}")
+        size = self.config.codebook_size
+        if array.size and (array.min() < 0 or array.max() >= size):
+            raise ValueError(f"codes item {index}: values must lie in [0, {size}); "
+                             f"got values in [{array.min()}, {array.max()}]")
+        return array.astype(np.int32)
