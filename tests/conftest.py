@@ -5,7 +5,15 @@ Every reference output is computed in the test that uses it, from ``transformers
 
 from __future__ import annotations
 
-from convert.kaldi_reference import reference_feature_extractor, reference_kaldi
+import os
+import tempfile
+
+# One persistent JAX compilation cache for the whole session, inherited by subprocesses (CLI, tokenizer):
+# compiling the codec takes seconds per shape on this CPU, and many tests share shapes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xcodec2-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from convert.kaldi_reference import reference_feature_extractor, reference_kaldi  # noqa: E402
 
 reference_kaldi()  # before anything imports Transformers (see convert/kaldi_reference.py)
 
