@@ -13,7 +13,7 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xcodec2-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from convert.kaldi_reference import reference_feature_extractor, reference_kaldi  # noqa: E402
+from convert.kaldi_reference import reference_feature_extractor, reference_kaldi
 
 reference_kaldi()  # before anything imports Transformers (see convert/kaldi_reference.py)
 
