@@ -79,3 +79,19 @@ def save_reference_checkpoint(model: TorchXcodec2Model, directory: Path) -> Path
 def torch_inputs(features: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Feature-extractor output (numpy) -> the tensors Transformers' ``encode`` takes."""
     return {k: torch.from_numpy(np.asarray(v)) for k, v in features.items()}
+
+
+def full_size_checkpoint(seed: int = 0, cache: Path | None = None) -> Path:
+    """A seeded random full-size (``Xcodec2Config()``) checkpoint on disk, built once and then reused.
+
+    Calibrated on 6 s of espeak-ng speech. Lives in ``cache`` (default ``~/.cache/xcodec2_jax``).
+    """
+    from .kaldi_reference import reference_feature_extractor
+    from .speech import speech_clip
+
+    directory = (cache or Path.home() / ".cache" / "xcodec2_jax") / f"random-full-size-seed{seed}"
+    if not (directory / "model.safetensors").is_file():
+        features = reference_feature_extractor()(speech_clip(6.0, seed=seed), sampling_rate=16000)
+        model = random_reference_model(TorchXcodec2Config(), seed, torch_inputs(dict(features)))
+        model.save_pretrained(directory)
+    return directory

@@ -227,14 +227,22 @@ class Engine:
         return np.asarray(multihost_utils.global_array_to_host_local_array(array, self.mesh,
                                                                           PartitionSpec(DATA_AXIS)))
 
-    def _executable(self, kind: str, frames: int, args: tuple[np.ndarray, ...]):
-        """The compiled function for one (direction, bucket): compiled on first use, then reused."""
+    def _abstract(self, kind: str, frames: int) -> list[jax.ShapeDtypeStruct]:
+        """Global shapes of one step's inputs: encode (waveform, features, lengths, mask), decode (codes, lengths)."""
+        b, hop, dims = self.global_batch, self.config.hop_length, self.config.semantic.feature_projection_input_dim
+        shapes = ([((b, 1, frames * hop), np.float32), ((b, frames, dims), np.float32), ((b,), np.int32),
+                   ((b, frames), np.bool_)] if kind == "encode" else [((b, frames), np.int32), ((b,), np.int32)])
+        return [jax.ShapeDtypeStruct(shape, dtype, sharding=self._batched) for shape, dtype in shapes]
+
+    def compiled(self, kind: str, frames: int):
+        """The AOT-compiled step for ``kind`` ("encode"/"decode") at bucket ``frames``; compiled on first use.
+
+        Call it as ``compiled(engine.state, *engine.device_batch(kind, rows, frames))``.
+        """
         key = (kind, frames)
         if key not in self._compiled:
-            abstract = [jax.ShapeDtypeStruct((self.global_batch, *a.shape[1:]), a.dtype, sharding=self._batched)
-                        for a in args]
             begin = time.perf_counter()
-            self._compiled[key] = self._jitted[kind].lower(self.state, *abstract).compile()
+            self._compiled[key] = self._jitted[kind].lower(self.state, *self._abstract(kind, frames)).compile()
             self.compile_seconds[key] = time.perf_counter() - begin
         return self._compiled[key]
 
@@ -247,33 +255,39 @@ class Engine:
         return next(b for b in self.buckets if b >= frames)
 
     # ------------------------------------------------------------------------------------ batch packing
-    def _pack_encode(self, segments: list[_Segment], frames: int) -> tuple[np.ndarray, ...]:
+    def device_batch(self, kind: str, rows: list[tuple[np.ndarray, ...]], frames: int) -> list[jax.Array]:
+        """Pack up to ``local_batch`` rows into one padded step at bucket ``frames``, on the devices.
+
+        Encode rows are (waveform (f * hop,), features (f, 160)); decode rows are (codes (f,),). Missing
+        rows are dummy items (full-length silence / zero codes) whose outputs are discarded.
+        """
+        pack = self._pack_encode if kind == "encode" else self._pack_decode
+        return [self._to_device(a) for a in pack(rows, frames)]
+
+    def _pack_encode(self, rows: list[tuple[np.ndarray, ...]], frames: int) -> tuple[np.ndarray, ...]:
         hop, n = self.config.hop_length, self.local_batch
         waveform = np.zeros((n, 1, frames * hop), np.float32)
         features = np.full((n, frames, self.config.semantic.feature_projection_input_dim),
                            self.extractor.padding_value, np.float32)
         lengths = np.full((n,), frames * hop, np.int32)  # dummy rows: full-length silence
         mask = np.ones((n, frames), bool)
-        for row, segment in enumerate(segments):
-            wave, feats = segment.arrays
-            f = segment.window.frames
+        for row, (wave, feats) in enumerate(rows):
+            f = feats.shape[0]
             waveform[row, 0, : f * hop], features[row, :f] = wave, feats
             lengths[row], mask[row] = f * hop, np.arange(frames) < f
         return waveform, features, lengths, mask
 
-    def _pack_decode(self, segments: list[_Segment], frames: int) -> tuple[np.ndarray, ...]:
+    def _pack_decode(self, rows: list[tuple[np.ndarray, ...]], frames: int) -> tuple[np.ndarray, ...]:
         codes = np.zeros((self.local_batch, frames), np.int32)
         lengths = np.full((self.local_batch,), frames, np.int32)
-        for row, segment in enumerate(segments):
-            codes[row, : segment.window.frames] = segment.arrays[0]
-            lengths[row] = segment.window.frames
+        for row, (item_codes,) in enumerate(rows):
+            codes[row, : item_codes.size] = item_codes
+            lengths[row] = item_codes.size
         return codes, lengths
 
     def _run(self, kind: str, segments: list[_Segment], frames: int) -> np.ndarray:
-        pack = self._pack_encode if kind == "encode" else self._pack_decode
-        args = pack(segments, frames)
-        executable = self._executable(kind, frames, args)
-        return self._to_host(executable(self.state, *(self._to_device(a) for a in args)))
+        step = self.compiled(kind, frames)
+        return self._to_host(step(self.state, *self.device_batch(kind, [s.arrays for s in segments], frames)))
 
     # ---------------------------------------------------------------------------------- preparation
     def _prepare_encode(self, item: int, key: Any, wave: np.ndarray) -> tuple[_Pending, list[_Segment]]:

@@ -63,6 +63,11 @@ def _as_batch(name: str, array, ndim: int) -> jax.Array:
     return array
 
 
+def _latents_out(latents: jax.Array) -> np.ndarray:
+    """Device (B, F, D) -> Transformers' (B, D, F) float32 numpy."""
+    return np.array(latents.astype(jnp.float32)).transpose(0, 2, 1)
+
+
 class Xcodec2Model:
     """X-Codec2 in JAX: 16 kHz speech <-> one code in [0, 65536) per 20 ms (50 tokens/s).
 
@@ -127,23 +132,12 @@ class Xcodec2Model:
         hop = self.config.hop_length
         return (mask.astype(jnp.int32).sum(-1) + hop - 1) // hop * hop
 
-    def encode(self, input_values, input_features, padding_mask=None, input_features_mask=None,
-               output_latents: bool = False) -> Xcodec2EncoderOutput:
-        """Audio + features (from :class:`Xcodec2FeatureExtractor`) -> codes.
-
-        Args:
-            input_values: (B, 1, T) float waveform, T a multiple of the hop length (320).
-            input_features: (B, T / 320, 160) stacked log-mel features.
-            padding_mask: (B, T) 1 for real samples. When given, each item is encoded exactly as if it
-                were alone, and ``audio_codes_mask`` marks its valid codes (as Transformers).
-            input_features_mask: (B, T / 320) valid feature frames; defaults to the frames implied by
-                ``padding_mask``.
-            output_latents: also return the quantized latents (B, 2048, F).
-        """
+    def _encode(self, input_values, input_features, padding_mask, input_features_mask):
+        """Validated device encode: codes (B, F), latents (B, F, D), codes mask (B, F) or None, lengths."""
         waveform = _as_batch("input_values", input_values, 3)
         features = _as_batch("input_features", input_features, 3)
         b, channels, total = waveform.shape
-        hop, frames = self.config.hop_length, waveform.shape[-1] // self.config.hop_length
+        hop, frames = self.config.hop_length, total // self.config.hop_length
         if channels != 1 or total % hop:
             raise ValueError(f"input_values must be (B, 1, T) with T a multiple of {hop}; got {waveform.shape}")
         want = (b, frames, self.config.semantic.feature_projection_input_dim)
@@ -162,10 +156,35 @@ class Xcodec2Model:
             # As Transformers: only frames fully covered by real samples count as valid codes.
             valid = jnp.asarray(padding_mask).astype(jnp.int32).sum(-1, keepdims=True) // hop
             codes_mask = (jnp.arange(frames)[None, :] < valid).astype(jnp.int32)
+        return codes, latents, codes_mask, lengths
+
+    def _decode(self, latents: jax.Array, frame_lengths: jax.Array | None) -> jax.Array:
+        """(B, F, D) -> audio (B, F * hop); zero after each item's ``frame_lengths`` when given."""
+        audio = engine.decode_latents(self.graphdef, self.state, latents, frame_lengths)
+        if frame_lengths is None:
+            return audio
+        samples = jnp.arange(audio.shape[-1])[None, :]
+        return jnp.where(samples < frame_lengths[:, None] * self.config.hop_length, audio, 0.0)
+
+    def encode(self, input_values, input_features, padding_mask=None, input_features_mask=None,
+               output_latents: bool = False) -> Xcodec2EncoderOutput:
+        """Audio + features (from :class:`Xcodec2FeatureExtractor`) -> codes.
+
+        Args:
+            input_values: (B, 1, T) float waveform, T a multiple of the hop length (320).
+            input_features: (B, T / 320, 160) stacked log-mel features.
+            padding_mask: (B, T) 1 for real samples. When given, each item is encoded exactly as if it
+                were alone, and ``audio_codes_mask`` marks its valid codes (as Transformers).
+            input_features_mask: (B, T / 320) valid feature frames; defaults to the frames implied by
+                ``padding_mask``.
+            output_latents: also return the quantized latents (B, 2048, F).
+        """
+        codes, latents, codes_mask, _ = self._encode(input_values, input_features, padding_mask,
+                                                      input_features_mask)
         return Xcodec2EncoderOutput(
             audio_codes=np.array(codes)[:, None, :],
             audio_codes_mask=None if codes_mask is None else np.array(codes_mask),
-            latents=np.array(latents.astype(jnp.float32)).transpose(0, 2, 1) if output_latents else None,
+            latents=_latents_out(latents) if output_latents else None,
         )
 
     def decode(self, audio_codes=None, latents=None, audio_codes_mask=None) -> Xcodec2DecoderOutput:
@@ -192,29 +211,20 @@ class Xcodec2Model:
         if audio_codes_mask is not None:
             mask = jnp.asarray(audio_codes_mask)
             frame_lengths = mask.reshape(mask.shape[0], -1).astype(jnp.int32).sum(-1)
-        audio = engine.decode_latents(self.graphdef, self.state, hidden, frame_lengths)
-        if frame_lengths is not None:
-            samples = jnp.arange(audio.shape[-1])[None, :]
-            audio = jnp.where(samples < frame_lengths[:, None] * self.config.hop_length, audio, 0.0)
-        return Xcodec2DecoderOutput(audio_values=np.array(audio)[:, None, :])
+        return Xcodec2DecoderOutput(audio_values=np.array(self._decode(hidden, frame_lengths))[:, None, :])
 
     def __call__(self, input_values, input_features, padding_mask=None, input_features_mask=None,
                  output_latents: bool = False) -> Xcodec2Output:
         """Encode, then decode from the latents; audio trimmed to the input length (as Transformers)."""
-        encoded = self.encode(input_values, input_features, padding_mask, input_features_mask,
-                              output_latents=True)
-        total = np.shape(input_values)[-1]
-        lengths = self._lengths(padding_mask, total)
+        codes, latents, codes_mask, lengths = self._encode(input_values, input_features, padding_mask,
+                                                            input_features_mask)
         frame_lengths = None if lengths is None else lengths // self.config.hop_length
-        hidden = jnp.asarray(encoded.latents).transpose(0, 2, 1)
-        audio = engine.decode_latents(self.graphdef, self.state, hidden, frame_lengths)[:, :total]
-        if lengths is not None:
-            audio = jnp.where(jnp.arange(total)[None, :] < lengths[:, None], audio, 0.0)
+        audio = self._decode(latents, frame_lengths)[:, : np.shape(input_values)[-1]]
         return Xcodec2Output(
             audio_values=np.array(audio)[:, None, :],
-            audio_codes=encoded.audio_codes,
-            audio_codes_mask=encoded.audio_codes_mask,
-            latents=encoded.latents if output_latents else None,
+            audio_codes=np.array(codes)[:, None, :],
+            audio_codes_mask=None if codes_mask is None else np.array(codes_mask),
+            latents=_latents_out(latents) if output_latents else None,
         )
 
     # -------------------------------------------------------------------------- many clips (engine)
