@@ -17,6 +17,8 @@ import soxr
 RESAMPLE_QUALITY = "HQ"
 # One codec frame (hop_length) at 16 kHz: anything shorter cannot be encoded into a single code.
 MIN_SAMPLES = 320
+# 6 s of synthetic English speech, 16 kHz mono, shipped with the package (see data/README.md).
+EXAMPLE_AUDIO = Path(__file__).parent / "data" / "speech.wav"
 
 
 class AudioError(ValueError):
@@ -141,6 +143,7 @@ def _check_finite(wave: np.ndarray, path: Path | str) -> None:
 
 
 __all__ = [
+    "EXAMPLE_AUDIO",
     "MIN_SAMPLES",
     "AudioError",
     "as_wave",
