@@ -107,6 +107,8 @@ def as_wave(wave, name: str, min_samples: int = MIN_SAMPLES) -> np.ndarray:
     if wave.ndim != 1:
         raise AudioError(f"{name}: expected (samples,) or (channels, samples) audio, got shape {wave.shape}")
     wave = wave.astype(np.float32, copy=False)
+    if wave.size == 0:
+        raise AudioError(f"{name}: the audio is empty (0 samples)")
     if wave.size < min_samples:
         raise AudioError(f"{name}: the audio is too short: {wave.size} samples, need at least {min_samples} "
                          "(one codec frame)")

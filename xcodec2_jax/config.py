@@ -190,8 +190,12 @@ class Xcodec2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Xcodec2Config:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         """A Transformers-compatible ``config.json`` mapping (round-trips through :meth:`from_dict`)."""

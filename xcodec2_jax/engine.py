@@ -54,7 +54,12 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XCODEC2_JAX_CACHE", Path.home() / ".cac
 
 
 def enable_compilation_cache(directory: str | Path | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache (process-wide) so later processes start fast."""
+    """Turn on JAX's persistent compilation cache (process-wide) so later processes start fast.
+
+    Without ``directory``, a cache JAX already has (``JAX_COMPILATION_CACHE_DIR``) is kept.
+    """
+    if directory is None and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
     path = Path(directory or DEFAULT_CACHE_DIR).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))

@@ -108,7 +108,10 @@ class Xcodec2FeatureExtractor:
         config_file = resolve_checkpoint_dir(path_or_repo_id, revision) / PREPROCESSOR_CONFIG_NAME
         if not config_file.is_file():
             return cls()
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
         if config.get("padding_side", "right") != "right":
             raise ValueError(f"{config_file}: padding_side={config['padding_side']!r} is not supported, only 'right'")
         names = ("feature_size", "sampling_rate", "padding_value", "hop_length")

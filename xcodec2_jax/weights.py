@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 FLAX_FORMAT = "xcodec2-jax"
@@ -89,9 +89,12 @@ def read_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape, from the safetensors headers only (no tensor data is read)."""
     shapes = {}
     for path in files:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
     return shapes
 
 

@@ -1,0 +1,431 @@
+"""The ``xcodec2-jax`` command: speech files <-> X-Codec2 codes, and checkpoint conversion.
+
+Subcommands: ``encode`` (audio files -> one ``.npy`` of int32 codes each), ``decode`` (``.npy`` codes -> 16 kHz
+16-bit WAV each), ``roundtrip`` (one file through the codec), ``convert`` (Transformers checkpoint -> Flax
+checkpoint), and ``tokenize`` / ``detokenize`` when :mod:`xcodec2_jax.tokenize` is importable.
+
+Conventions:
+
+* Output names come from the input stems (``a/x.wav`` -> ``OUT/x.npy``). Two inputs that would write the same
+  output (``a/x.wav`` and ``b/x.flac``) are refused before any work starts, rather than silently overwriting
+  one result or inventing names the user cannot map back. Existing output files are overwritten.
+* Exit status: 0 success; 1 the inputs, checkpoint or file system got in the way (unreadable audio, bad
+  codes, missing checkpoint, unwritable output); 2 a usage error (bad arguments, colliding outputs);
+  130 interrupted. Such errors print one line, ``xcodec2-jax: error: <message>``, on stderr and no traceback;
+  ``--debug`` or ``XCODEC2_JAX_DEBUG=1`` re-raises them to show it. Anything else is a bug and tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from . import __version__
+from .audio import AudioError, load_audio, save_audio
+from .config import ConfigError
+from .engine import EngineSettings, enable_compilation_cache
+from .features import Xcodec2FeatureExtractor
+from .hub import (
+    CONFIG_NAME,
+    DEFAULT_REPO_ID,
+    FLAX_WEIGHTS_NAME,
+    PREPROCESSOR_CONFIG_NAME,
+    CheckpointNotFoundError,
+    resolve_checkpoint_dir,
+)
+from .model import Xcodec2Model
+from .weights import CheckpointError
+
+PROG = "xcodec2-jax"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEBUG_ENV = "XCODEC2_JAX_DEBUG"
+# X-Codec2's audio rate; audio files are resampled to it when read.
+SAMPLING_RATE = 16000
+NPY_MAGIC = b"\x93NUMPY"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Long messages (a CheckpointError lists every bad key) are cut so the error stays one readable line.
+MAX_MESSAGE_CHARS = 600
+
+
+class CliError(Exception):
+    """A user error found by the command line itself; ``exit_code`` is 1 (runtime) or 2 (usage)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Errors caused by the user's inputs, checkpoint or file system: reported in one line, no traceback.
+# AudioError, ConfigError and CheckpointError are ValueErrors and CheckpointNotFoundError is an OSError; they
+# are listed for the reader. Plain ValueError covers input validation (codes, feature-extractor configs,
+# malformed JSON); OSError covers reading and writing files.
+USER_ERRORS = (CliError, AudioError, CheckpointNotFoundError, CheckpointError, ConfigError, SafetensorError,
+               ValueError, OSError)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def load_model(args: argparse.Namespace) -> Xcodec2Model:
+    """The model named by ``--model`` / ``--revision`` / ``--dtype``."""
+    return Xcodec2Model.from_pretrained(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
+
+
+def engine_settings(args: argparse.Namespace) -> EngineSettings:
+    """Engine settings from ``--batch-size`` (the other knobs keep their defaults)."""
+    return EngineSettings(batch_size=args.batch_size)
+
+
+def _show_progress(args: argparse.Namespace, count: int) -> bool:
+    """A progress bar only pays for itself with several files."""
+    return count > 1 and not args.no_progress
+
+
+def output_paths(inputs: Sequence[str], output_dir: Path, suffix: str) -> list[Path]:
+    """``output_dir / (stem + suffix)`` for each input; raises ``CliError`` (usage) when two would collide."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CliError(f"{output_dir}: exists and is not a directory", EXIT_USAGE)
+    claimed: dict[str, str] = {}
+    outputs = []
+    for source in inputs:
+        target = output_dir / (Path(source).stem + suffix)
+        # Case-folded so that x.wav and X.wav also collide on case-insensitive file systems (macOS, Windows).
+        key = target.name.casefold()
+        if key in claimed:
+            raise CliError(f"{claimed[key]} and {source} would both be written to {target}; give the inputs "
+                           "distinct file names or process them in separate runs", EXIT_USAGE)
+        claimed[key] = source
+        outputs.append(target)
+    return outputs
+
+
+def make_output_dir(path: Path) -> None:
+    """Create ``path`` (and parents) now, so an unusable output directory fails before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"{path}: cannot create the output directory ({err.strerror or err})") from err
+
+
+def load_codes(path: str | Path) -> np.ndarray:
+    """Read a ``.npy`` of codes as written by ``encode``: a non-empty 1-D integer array (range checked later)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    with path.open("rb") as f:
+        # np.load would try anything without the .npy magic as a pickle and blame "pickled data".
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise CliError(f"{path}: not a .npy file (it does not start with the NumPy header)")
+        f.seek(0)
+        try:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, EOFError) as err:  # truncated data, object arrays
+            raise CliError(f"{path}: not a readable .npy file ({err})") from err
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise CliError(f"{path}: expected a 1-D integer array of codes (as `{PROG} encode` writes), "
+                       f"got dtype {array.dtype} and shape {array.shape}")
+    if array.size == 0:
+        raise CliError(f"{path}: holds no codes")
+    return array
+
+
+def check_code_range(codes: np.ndarray, path: str | Path, codebook_size: int) -> None:
+    """Raise ``CliError`` naming the first code outside ``[0, codebook_size)``."""
+    bad = np.flatnonzero((codes < 0) | (codes >= codebook_size))
+    if bad.size:
+        raise CliError(f"{path}: codes must lie in [0, {codebook_size}); {bad.size} do not, the first at "
+                       f"index {bad[0]}: {codes[bad[0]]}")
+
+
+def _file_size(path: Path) -> str:
+    size = path.stat().st_size
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.2f} GB"
+
+
+def parameter_count(weights: Path) -> int:
+    """Number of parameters stored in a safetensors file (read from its header, no tensor loaded)."""
+    with safe_open(str(weights), framework="numpy") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+
+
+# -------------------------------------------------------------------------------------------- commands
+def run_encode(args: argparse.Namespace) -> int:
+    """``encode``: audio files -> ``OUT_DIR/<stem>.npy`` (1-D int32 codes)."""
+    outputs = output_paths(args.inputs, Path(args.output_dir), ".npy")
+    # Read the audio before loading the model, so a bad file fails in a second rather than after the load.
+    waves = [load_audio(path, SAMPLING_RATE) for path in args.inputs]
+    make_output_dir(Path(args.output_dir))
+    model = load_model(args)
+    codes = model.encode_audio(waves, SAMPLING_RATE, progress=_show_progress(args, len(waves)),
+                               settings=engine_settings(args))
+    for source, target, item in zip(args.inputs, outputs, codes, strict=True):
+        np.save(target, item)
+        print(f"{source} -> {target}: {item.size} codes ({item.size / model.config.frame_rate:.2f} s)")
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """``decode``: ``.npy`` codes -> ``OUT_DIR/<stem>.wav`` (16 kHz, 16-bit PCM)."""
+    outputs = output_paths(args.inputs, Path(args.output_dir), ".wav")
+    codes = [load_codes(path) for path in args.inputs]
+    make_output_dir(Path(args.output_dir))
+    model = load_model(args)
+    for path, item in zip(args.inputs, codes, strict=True):
+        check_code_range(item, path, model.config.codebook_size)
+    audio = model.decode_codes(codes, progress=_show_progress(args, len(codes)), settings=engine_settings(args))
+    rate = model.config.sampling_rate
+    for source, target, item, wave in zip(args.inputs, outputs, codes, audio, strict=True):
+        save_audio(target, wave, rate)
+        print(f"{source} -> {target}: {item.size} codes, {wave.size / rate:.2f} s at {rate} Hz")
+    return 0
+
+
+def run_roundtrip(args: argparse.Namespace) -> int:
+    """``roundtrip``: encode then decode one file, to hear what the codec keeps."""
+    output = Path(args.output)
+    if output.is_dir():
+        raise CliError(f"{output}: is a directory; -o expects an audio file name such as out.wav", EXIT_USAGE)
+    wave = load_audio(args.input, SAMPLING_RATE)
+    model = load_model(args)
+    settings = engine_settings(args)
+    codes = model.encode_audio(wave, SAMPLING_RATE, settings=settings)[0]
+    audio = model.decode_codes(codes, settings=settings)[0]
+    rate = model.config.sampling_rate
+    save_audio(output, audio, rate)
+    print(f"{args.input}: {wave.size / SAMPLING_RATE:.2f} s -> {codes.size} codes "
+          f"({model.config.frame_rate:g} codes/s) -> {output}: {audio.size / rate:.2f} s at {rate} Hz")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``convert``: a Transformers checkpoint (directory or Hub id) -> a Flax checkpoint directory."""
+    source = resolve_checkpoint_dir(args.src, args.revision)  # one Hub lookup shared by model and extractor
+    out = Path(args.out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise CliError(f"--out {out} is the source checkpoint itself; choose another directory", EXIT_USAGE)
+    model = Xcodec2Model.from_pretrained(source)
+    extractor = Xcodec2FeatureExtractor.from_pretrained(source)
+    model.save_pretrained(out)
+    extractor.save_pretrained(out)
+    origin = "from the source" if (source / PREPROCESSOR_CONFIG_NAME).is_file() else "defaults: the source has none"
+    print(f"converted {args.src} -> {out}")
+    for name, note in ((CONFIG_NAME, ""), (FLAX_WEIGHTS_NAME, ""), (PREPROCESSOR_CONFIG_NAME, f", {origin}")):
+        print(f"  {out / name} ({_file_size(out / name)}{note})")
+    print(f"parameters: {parameter_count(out / FLAX_WEIGHTS_NAME):,}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _base_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    base = argparse.ArgumentParser(add_help=False)
+    base.add_argument("--debug", action="store_true",
+                      help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
+    return base
+
+
+def _common_options(base: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of every subcommand that runs the model (also handed to the tokenize module's subcommands)."""
+    common = argparse.ArgumentParser(add_help=False, parents=[base])
+    group = common.add_argument_group("model and runtime options")
+    group.add_argument("--model", default=DEFAULT_REPO_ID, metavar="DIR_OR_REPO",
+                       help="checkpoint: a local directory (Transformers or converted Flax) or a Hugging Face Hub "
+                            "repo id (default: %(default)s). Offline, use a local directory or set "
+                            "HF_HUB_OFFLINE=1 to read the Hub cache only")
+    group.add_argument("--revision", help="Hub branch, tag or commit of --model")
+    group.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                       help="compute dtype (default: %(default)s); bfloat16 is faster on accelerators, and its "
+                            "codes may differ from float32 ones")
+    group.add_argument("--batch-size", type=_positive_int, default=EngineSettings.batch_size, metavar="N",
+                       help="clips per device step (default: %(default)s)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--no-compile-cache", action="store_true",
+                       help="do not use the persistent compilation cache (default location: "
+                            "~/.cache/xcodec2_jax/jax, or $XCODEC2_JAX_CACHE; JAX_COMPILATION_CACHE_DIR wins)")
+    return common
+
+
+ENCODE_EPILOG = f"""\
+Reads any format soundfile can (WAV, FLAC, OGG, ...), mixes to mono and resamples to 16 kHz. Writes
+OUT_DIR/<stem>.npy per input: 1-D int32 codes, 50 per second. Inputs whose outputs would share a name are
+refused; existing outputs are overwritten.
+
+examples:
+  {PROG} encode speech.wav -o codes/
+  {PROG} encode data/*.flac -o codes/ --batch-size 16
+  HF_HUB_OFFLINE=1 {PROG} encode a.wav --model ./xcodec2-hf -o codes/
+"""
+
+DECODE_EPILOG = f"""\
+Reads .npy files of 1-D integer codes in [0, 65536) (as `{PROG} encode` writes) and writes
+OUT_DIR/<stem>.wav per input: 16 kHz, 16-bit PCM, 320 samples per code.
+
+examples:
+  {PROG} decode codes/speech.npy -o decoded/
+  {PROG} decode codes/*.npy -o decoded/ --no-progress
+"""
+
+ROUNDTRIP_EPILOG = f"""\
+Encodes one file, decodes its codes and writes the result: a quick way to hear what the codec keeps.
+
+examples:
+  {PROG} roundtrip speech.wav -o speech.xcodec2.wav
+  {PROG} roundtrip speech.flac -o out.wav --model ./xcodec2-hf --dtype bfloat16
+"""
+
+CONVERT_EPILOG = f"""\
+Loads a Transformers X-Codec2 checkpoint (config.json + model.safetensors, or shards) from a directory or the
+Hub and writes OUT: config.json, flax_model.safetensors (Flax layout, loads without torch) and
+preprocessor_config.json (copied, or the defaults when the source has none).
+
+examples:
+  {PROG} convert --src HKUSTAudio/xcodec2-hf --out ./xcodec2-flax
+  {PROG} convert --src ./xcodec2-hf --out ./xcodec2-flax
+"""
+
+MAIN_EPILOG = f"""\
+Run `{PROG} COMMAND --help` for a command's options and examples. Exit status: 0 success, 1 bad input,
+checkpoint or file, 2 usage error. Errors print one line; --debug or {DEBUG_ENV}=1 shows the traceback.
+"""
+
+
+def _add_command(subparsers, name: str, handler: Callable[[argparse.Namespace], int], summary: str,
+                 epilog: str, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=summary, description=summary, epilog=epilog, parents=parents,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_tokenize_commands(subparsers, common: argparse.ArgumentParser) -> str | None:
+    """Register ``tokenize`` / ``detokenize`` from :mod:`xcodec2_jax.tokenize`; returns why not, if it can't.
+
+    Contract with that module: ``add_tokenize_arguments(parser)`` / ``add_detokenize_arguments(parser)`` add
+    their own arguments (and may set ``parser.description`` / ``parser.epilog``); ``run_tokenize(args)`` /
+    ``run_detokenize(args)`` return the exit status. The parsers are built with ``parents=[common]``, so
+    ``args.model``, ``args.revision``, ``args.dtype``, ``args.batch_size``, ``args.no_progress``,
+    ``args.no_compile_cache`` and ``args.debug`` already exist: the add functions must not redefine them.
+    The compilation cache is enabled (unless ``--no-compile-cache``) and user errors are reported by
+    :func:`main`, as for the other commands.
+    """
+    try:
+        tokenize = importlib.import_module("xcodec2_jax.tokenize")
+    except ImportError as err:  # not installed, or an optional dependency (e.g. pyarrow) missing
+        return str(err)
+    commands = (
+        ("tokenize", tokenize.add_tokenize_arguments, tokenize.run_tokenize,
+         "encode a corpus of audio files into code shards"),
+        ("detokenize", tokenize.add_detokenize_arguments, tokenize.run_detokenize,
+         "decode code shards back to audio files"),
+    )
+    for name, add_arguments, handler, summary in commands:
+        parser = _add_command(subparsers, name, handler, summary, "", [common])
+        add_arguments(parser)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``xcodec2-jax`` argument parser with all its subcommands."""
+    parser = argparse.ArgumentParser(prog=PROG, description="X-Codec2 speech codec in JAX: 16 kHz speech <-> "
+                                     "one code in [0, 65536) per 20 ms.", epilog=MAIN_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    base = _base_options()
+    common = _common_options(base)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    encode = _add_command(subparsers, "encode", run_encode, "encode audio files to .npy code files",
+                          ENCODE_EPILOG, [common])
+    encode.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio files")
+    encode.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="directory for the .npy files")
+
+    decode = _add_command(subparsers, "decode", run_decode, "decode .npy code files to 16 kHz WAV files",
+                          DECODE_EPILOG, [common])
+    decode.add_argument("inputs", nargs="+", metavar="CODES.npy", help=".npy files of 1-D integer codes")
+    decode.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="directory for the .wav files")
+
+    roundtrip = _add_command(subparsers, "roundtrip", run_roundtrip, "encode and decode one audio file",
+                             ROUNDTRIP_EPILOG, [common])
+    roundtrip.add_argument("input", metavar="AUDIO", help="audio file")
+    roundtrip.add_argument("-o", "--output", required=True, metavar="OUT.wav",
+                           help="decoded audio (format from the extension, 16-bit PCM)")
+
+    convert = _add_command(subparsers, "convert", run_convert,
+                           "convert a Transformers checkpoint to a Flax checkpoint", CONVERT_EPILOG, [base])
+    convert.add_argument("--src", required=True, metavar="DIR_OR_REPO",
+                         help="Transformers checkpoint: local directory or Hub repo id")
+    convert.add_argument("--out", required=True, metavar="DIR", help="directory to write the Flax checkpoint to")
+    convert.add_argument("--revision", help="Hub branch, tag or commit of --src")
+
+    unavailable = _add_tokenize_commands(subparsers, common)
+    if unavailable:
+        parser.epilog += f"\n(tokenize and detokenize are unavailable: {unavailable})\n"
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _enable_compile_cache() -> None:
+    """The persistent compilation cache (JAX_COMPILATION_CACHE_DIR when set, else ours)."""
+    try:
+        enable_compilation_cache()
+    except OSError as err:  # an unwritable cache only costs start-up time: warn, don't fail
+        print(f"{PROG}: warning: compilation cache disabled ({err})", file=sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: its first line, the rest joined with "; ", cut to ``MAX_MESSAGE_CHARS``."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    if isinstance(err, json.JSONDecodeError):  # its message alone does not say what was being parsed
+        message = f"invalid JSON in a checkpoint or config file: {message}"
+    elif isinstance(err, SafetensorError):
+        message = f"unreadable safetensors weights: {message}"
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "... (--debug shows the full message)"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse exits with 2 on bad arguments)."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        if not getattr(args, "no_compile_cache", True):
+            _enable_compile_cache()
+        return args.handler(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return err.exit_code if isinstance(err, CliError) else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
