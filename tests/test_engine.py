@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -68,7 +69,7 @@ def test_plan_windows_partition_and_context():
         windows = plan_windows(total, 150, 40)
         assert windows[0].keep_start == 0 and windows[-1].keep_end == total
         assert windows[-1].start + windows[-1].frames == total
-        for w, nxt in zip(windows, windows[1:], strict=False):
+        for w, nxt in itertools.pairwise(windows):
             assert w.keep_end == nxt.keep_start  # kept ranges tile the input
             assert w.keep_end - nxt.start >= 20 and w.start + w.frames - w.keep_end >= 20  # >= overlap/2 context
         assert all(w.frames == 150 for w in windows)
