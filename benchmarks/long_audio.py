@@ -27,8 +27,16 @@ from convert.speech import speech_clip
 from convert.torch_reference import full_size_checkpoint
 
 MEMORY_PROBE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
+
+
+def peak_rss_gib():
+    # VmHWM: this process's own high-water mark. (ru_maxrss would carry the parent's peak across exec.)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+
 from xcodec2_jax import Xcodec2Model
 from xcodec2_jax.engine import EngineSettings
 checkpoint, seconds = sys.argv[1], float(sys.argv[2])
@@ -41,7 +49,7 @@ codes = engine.encode([audio])[0]
 elapsed = time.perf_counter() - begin
 memory = engine.compiled("encode", engine.buckets[-1]).memory_analysis()
 print(json.dumps({"codes": int(codes.size), "seconds": elapsed,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "peak_rss_gib": peak_rss_gib(),
                   "xla_temp_gib": memory.temp_size_in_bytes / 2**30}))
 """
 
