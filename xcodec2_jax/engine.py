@@ -44,6 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import multihost
 from .config import Xcodec2Config
 from .features import Xcodec2FeatureExtractor
 from .nn.codec import Xcodec2Codec
@@ -101,6 +102,35 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, codes: Array, frame_length
     """codes (B, F), (B,) -> audio (B, F * hop) float32, each item padding-exact."""
     codec: Xcodec2Codec = nnx.merge(graphdef, state)
     return codec.decode(codec.latents_from_codes(codes), frame_lengths)
+
+
+def step_functions(graphdef: nnx.GraphDef, mesh: Mesh) -> dict[str, Any]:
+    """The engine's jitted device steps on ``mesh``: parameters replicated, batch split over ``DATA_AXIS``.
+
+    ``{"encode": f(state, waveform, features, sample_lengths, feature_mask) -> codes,
+    "decode": f(state, codes, frame_lengths) -> audio}``. Lower them with :func:`step_inputs` (and an
+    abstract state) to compile for devices this host does not have, e.g. a TPU topology.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return {
+        "encode": jax.jit(lambda s, *a: _encode(graphdef, s, *a),
+                          in_shardings=(replicated, batched, batched, batched, batched), out_shardings=batched),
+        "decode": jax.jit(lambda s, *a: _decode(graphdef, s, *a),
+                          in_shardings=(replicated, batched, batched), out_shardings=batched),
+    }
+
+
+def step_inputs(config: Xcodec2Config, kind: str, global_batch: int, frames: int,
+                mesh: Mesh) -> list[jax.ShapeDtypeStruct]:
+    """Global shapes of one step's inputs at bucket ``frames``: encode (waveform (B, 1, frames * hop),
+    features (B, frames, 160), sample lengths (B,), feature mask (B, frames)); decode (codes (B, frames),
+    frame lengths (B,))."""
+    b, hop, dims = global_batch, config.hop_length, config.semantic.feature_projection_input_dim
+    shapes = ([((b, 1, frames * hop), np.float32), ((b, frames, dims), np.float32), ((b,), np.int32),
+               ((b, frames), np.bool_)] if kind == "encode" else [((b, frames), np.int32), ((b,), np.int32)])
+    batched = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return [jax.ShapeDtypeStruct(shape, dtype, sharding=batched) for shape, dtype in shapes]
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -201,15 +231,7 @@ class Engine:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batched = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self.state = self._replicate(state)
-        state_shardings = jax.tree.map(lambda _: self._replicated, self.state)
-        batched = self._batched
-        self._jitted = {
-            "encode": jax.jit(lambda s, *a: _encode(graphdef, s, *a),
-                              in_shardings=(state_shardings, batched, batched, batched, batched),
-                              out_shardings=batched),
-            "decode": jax.jit(lambda s, *a: _decode(graphdef, s, *a),
-                              in_shardings=(state_shardings, batched, batched), out_shardings=batched),
-        }
+        self._jitted = step_functions(graphdef, self.mesh)
         self._compiled: dict[tuple[str, int], Any] = {}
         self.compile_seconds: dict[tuple[str, int], float] = {}
 
@@ -232,13 +254,6 @@ class Engine:
         return np.asarray(multihost_utils.global_array_to_host_local_array(array, self.mesh,
                                                                           PartitionSpec(DATA_AXIS)))
 
-    def _abstract(self, kind: str, frames: int) -> list[jax.ShapeDtypeStruct]:
-        """Global shapes of one step's inputs: encode (waveform, features, lengths, mask), decode (codes, lengths)."""
-        b, hop, dims = self.global_batch, self.config.hop_length, self.config.semantic.feature_projection_input_dim
-        shapes = ([((b, 1, frames * hop), np.float32), ((b, frames, dims), np.float32), ((b,), np.int32),
-                   ((b, frames), np.bool_)] if kind == "encode" else [((b, frames), np.int32), ((b,), np.int32)])
-        return [jax.ShapeDtypeStruct(shape, dtype, sharding=self._batched) for shape, dtype in shapes]
-
     def compiled(self, kind: str, frames: int):
         """The AOT-compiled step for ``kind`` ("encode"/"decode") at bucket ``frames``; compiled on first use.
 
@@ -247,7 +262,8 @@ class Engine:
         key = (kind, frames)
         if key not in self._compiled:
             begin = time.perf_counter()
-            self._compiled[key] = self._jitted[kind].lower(self.state, *self._abstract(kind, frames)).compile()
+            self._compiled[key] = self._jitted[kind].lower(
+                self.state, *step_inputs(self.config, kind, self.global_batch, frames, self.mesh)).compile()
             self.compile_seconds[key] = time.perf_counter() - begin
         return self._compiled[key]
 
@@ -375,7 +391,7 @@ class Engine:
         """All processes run the same step: the largest bucket any of them wants (-1: everyone is done)."""
         if not self.multiprocess:
             return bucket
-        return int(np.max(multihost_utils.process_allgather(np.int32(bucket))))
+        return int(np.max(multihost.allgather(np.int32(bucket))))
 
     def encode_stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
         """(key, mono 16 kHz float32 wave) -> (key, int32 codes), yielded as items complete.
@@ -439,4 +455,5 @@ def _ordered(stream: Iterator[tuple[int, np.ndarray]], count: int, progress: boo
     return results  # type: ignore[return-value]
 
 
-__all__ = ["DATA_AXIS", "Engine", "EngineSettings", "Window", "enable_compilation_cache", "plan_windows"]
+__all__ = ["DATA_AXIS", "Engine", "EngineSettings", "Window", "enable_compilation_cache", "plan_windows",
+           "step_functions", "step_inputs"]
