@@ -1,8 +1,9 @@
 """The ``xcodec2-jax`` command: speech files <-> X-Codec2 codes, and checkpoint conversion.
 
-Subcommands: ``encode`` (audio files -> one ``.npy`` of int32 codes each), ``decode`` (``.npy`` codes -> 16 kHz
-16-bit WAV each), ``roundtrip`` (one file through the codec), ``convert`` (Transformers checkpoint -> Flax
-checkpoint), and ``tokenize`` / ``detokenize`` when :mod:`xcodec2_jax.tokenize` is importable.
+Subcommands: ``encode`` (audio files -> one ``.npy`` of int32 codes each), ``decode`` (``.npy`` codes -> 16-bit
+WAV each, at the model's output rate), ``roundtrip`` (one file through the codec), ``convert`` (any known
+checkpoint layout -> Flax checkpoint), ``export`` (-> Transformers checkpoint), and ``tokenize`` /
+``detokenize`` when :mod:`xcodec2_jax.tokenize` is importable.
 
 Conventions:
 
@@ -40,6 +41,7 @@ from .hub import (
     DEFAULT_REPO_ID,
     FLAX_WEIGHTS_NAME,
     PREPROCESSOR_CONFIG_NAME,
+    TRANSFORMERS_WEIGHTS_NAME,
     CheckpointNotFoundError,
     resolve_checkpoint_dir,
 )
@@ -185,7 +187,7 @@ def run_decode(args: argparse.Namespace) -> int:
     for path, item in zip(args.inputs, codes, strict=True):
         check_code_range(item, path, model.config.codebook_size)
     audio = model.decode_codes(codes, progress=_show_progress(args, len(codes)), settings=engine_settings(args))
-    rate = model.config.sampling_rate
+    rate = model.output_sampling_rate
     for source, target, item, wave in zip(args.inputs, outputs, codes, audio, strict=True):
         save_audio(target, wave, rate)
         print(f"{source} -> {target}: {item.size} codes, {wave.size / rate:.2f} s at {rate} Hz")
@@ -202,29 +204,42 @@ def run_roundtrip(args: argparse.Namespace) -> int:
     settings = engine_settings(args)
     codes = model.encode_audio(wave, SAMPLING_RATE, settings=settings)[0]
     audio = model.decode_codes(codes, settings=settings)[0]
-    rate = model.config.sampling_rate
+    rate = model.output_sampling_rate
     save_audio(output, audio, rate)
     print(f"{args.input}: {wave.size / SAMPLING_RATE:.2f} s -> {codes.size} codes "
           f"({model.config.frame_rate:g} codes/s) -> {output}: {audio.size / rate:.2f} s at {rate} Hz")
     return 0
 
 
-def run_convert(args: argparse.Namespace) -> int:
-    """``convert``: a Transformers checkpoint (directory or Hub id) -> a Flax checkpoint directory."""
+def _rewrite_checkpoint(args: argparse.Namespace, save_format: str, weights_name: str, verb: str) -> int:
+    """Load ``--src`` (any known layout) and save it to ``--out`` in ``save_format``, with its extractor config."""
     source = resolve_checkpoint_dir(args.src, args.revision)  # one Hub lookup shared by model and extractor
     out = Path(args.out)
     if out.exists() and out.resolve() == source.resolve():
         raise CliError(f"--out {out} is the source checkpoint itself; choose another directory", EXIT_USAGE)
     model = Xcodec2Model.from_pretrained(source)
-    extractor = Xcodec2FeatureExtractor.from_pretrained(source)
-    model.save_pretrained(out)
+    model.save_pretrained(out, format=save_format)
+    # The source's own extractor config when it has one that fits the model, else the one the model expects.
+    extractor = Xcodec2FeatureExtractor.from_config(model.config)
+    origin = "for the model: the source has none"
+    if (source / PREPROCESSOR_CONFIG_NAME).is_file():
+        extractor, origin = Xcodec2FeatureExtractor.from_pretrained(source), "from the source"
     extractor.save_pretrained(out)
-    origin = "from the source" if (source / PREPROCESSOR_CONFIG_NAME).is_file() else "defaults: the source has none"
-    print(f"converted {args.src} -> {out}")
-    for name, note in ((CONFIG_NAME, ""), (FLAX_WEIGHTS_NAME, ""), (PREPROCESSOR_CONFIG_NAME, f", {origin}")):
+    print(f"{verb} {args.src} -> {out}")
+    for name, note in ((CONFIG_NAME, ""), (weights_name, ""), (PREPROCESSOR_CONFIG_NAME, f", {origin}")):
         print(f"  {out / name} ({_file_size(out / name)}{note})")
-    print(f"parameters: {parameter_count(out / FLAX_WEIGHTS_NAME):,}")
+    print(f"parameters: {parameter_count(out / weights_name):,}")
     return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``convert``: any known checkpoint layout (directory or Hub id) -> a Flax checkpoint directory."""
+    return _rewrite_checkpoint(args, "flax", FLAX_WEIGHTS_NAME, "converted")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``export``: any checkpoint this library loads -> a Transformers checkpoint (model.safetensors)."""
+    return _rewrite_checkpoint(args, "transformers", TRANSFORMERS_WEIGHTS_NAME, "exported")
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -280,7 +295,8 @@ examples:
 
 DECODE_EPILOG = f"""\
 Reads .npy files of 1-D integer codes in [0, 65536) (as `{PROG} encode` writes) and writes
-OUT_DIR/<stem>.wav per input: 16 kHz, 16-bit PCM, 320 samples per code.
+OUT_DIR/<stem>.wav per input: 16-bit PCM at the model's output rate (X-Codec2 16 kHz, 320 samples per code;
+NeuCodec 24 kHz; Anime-XCodec2 44.1 kHz).
 
 examples:
   {PROG} decode codes/speech.npy -o decoded/
@@ -296,13 +312,25 @@ examples:
 """
 
 CONVERT_EPILOG = f"""\
-Loads a Transformers X-Codec2 checkpoint (config.json + model.safetensors, or shards) from a directory or the
-Hub and writes OUT: config.json, flax_model.safetensors (Flax layout, loads without torch) and
-preprocessor_config.json (copied, or the defaults when the source has none).
+Loads a checkpoint (config.json + model.safetensors, or shards) from a directory or the Hub: Transformers'
+X-Codec2 or NeuCodec, or the original xcodec2 release and its fine-tunes (detected by their keys; safetensors
+only, .ckpt/.pth are refused), and writes OUT: config.json, flax_model.safetensors (Flax layout, loads
+without torch) and preprocessor_config.json (copied, or the model's when the source has none).
 
 examples:
   {PROG} convert --src HKUSTAudio/xcodec2-hf --out ./xcodec2-flax
-  {PROG} convert --src ./xcodec2-hf --out ./xcodec2-flax
+  {PROG} convert --src ./xcodec2-original --out ./xcodec2-flax
+"""
+
+EXPORT_EPILOG = f"""\
+Loads any checkpoint this library reads (a converted Flax one included, e.g. after fine-tuning in JAX) and
+writes OUT as a Transformers checkpoint: config.json, model.safetensors and preprocessor_config.json, which
+transformers' Xcodec2Model / NeuCodecModel.from_pretrained loads with no missing or unexpected keys.
+Checkpoints with a decoder upsampler (Anime-XCodec2 44.1 kHz) have no Transformers model and are refused.
+
+examples:
+  {PROG} export --src ./xcodec2-finetuned-flax --out ./xcodec2-finetuned-hf
+  {PROG} export --src ./xcodec2-original --out ./xcodec2-hf
 """
 
 MAIN_EPILOG = f"""\
@@ -372,12 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     roundtrip.add_argument("-o", "--output", required=True, metavar="OUT.wav",
                            help="decoded audio (format from the extension, 16-bit PCM)")
 
-    convert = _add_command(subparsers, "convert", run_convert,
-                           "convert a Transformers checkpoint to a Flax checkpoint", CONVERT_EPILOG, [base])
-    convert.add_argument("--src", required=True, metavar="DIR_OR_REPO",
-                         help="Transformers checkpoint: local directory or Hub repo id")
-    convert.add_argument("--out", required=True, metavar="DIR", help="directory to write the Flax checkpoint to")
-    convert.add_argument("--revision", help="Hub branch, tag or commit of --src")
+    for name, handler, summary, epilog in (
+        ("convert", run_convert, "convert a checkpoint (any known layout) to a Flax checkpoint", CONVERT_EPILOG),
+        ("export", run_export, "export a checkpoint to a Transformers checkpoint", EXPORT_EPILOG),
+    ):
+        command = _add_command(subparsers, name, handler, summary, epilog, [base])
+        command.add_argument("--src", required=True, metavar="DIR_OR_REPO",
+                             help="checkpoint: local directory or Hub repo id")
+        command.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
+        command.add_argument("--revision", help="Hub branch, tag or commit of --src")
 
     unavailable = _add_tokenize_commands(subparsers, common)
     if unavailable:

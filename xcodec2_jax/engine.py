@@ -215,8 +215,7 @@ class Engine:
                  settings: EngineSettings | None = None, extractor: Xcodec2FeatureExtractor | None = None,
                  devices: Sequence[jax.Device] | None = None):
         self.config, self.settings = config, settings or EngineSettings()
-        self.extractor = extractor or Xcodec2FeatureExtractor(sampling_rate=config.sampling_rate,
-                                                              hop_length=config.hop_length)
+        self.extractor = extractor or Xcodec2FeatureExtractor.from_config(config)
         self.mesh = Mesh(np.asarray(devices or jax.devices()), (DATA_AXIS,))
         self.multiprocess = jax.process_count() > 1
         local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
@@ -293,9 +292,9 @@ class Engine:
         lengths = np.full((n,), frames * hop, np.int32)  # dummy rows: full-length silence
         mask = np.ones((n, frames), bool)
         for row, (wave, feats) in enumerate(rows):
-            f = feats.shape[0]
-            waveform[row, 0, : f * hop], features[row, :f] = wave, feats
-            lengths[row], mask[row] = f * hop, np.arange(frames) < f
+            f = feats.shape[0]  # semantic frames: wave.size // hop, NeuCodec one fewer
+            waveform[row, 0, : wave.size], features[row, :f] = wave, feats
+            lengths[row], mask[row] = wave.size, np.arange(frames) < f
         return waveform, features, lengths, mask
 
     def _pack_decode(self, rows: list[tuple[np.ndarray, ...]], frames: int) -> tuple[np.ndarray, ...]:
@@ -314,7 +313,7 @@ class Engine:
     def _prepare_encode(self, item: int, key: Any, wave: np.ndarray) -> tuple[_Pending, list[_Segment]]:
         """Pad one clip as the feature extractor would, cut it into windows, compute each window's features."""
         hop = self.config.hop_length
-        total = -(-(wave.size + 1) // hop)  # the extractor appends one sample, then pads to the hop
+        total = self.config.padded_frames(wave.size)
         padded = np.zeros(total * hop, np.float32)
         padded[: wave.size] = wave
         windows = plan_windows(total, self.window_frames, self.overlap_frames)
@@ -322,13 +321,13 @@ class Engine:
         for index, w in enumerate(windows):
             audio = padded[w.start * hop : (w.start + w.frames) * hop]
             segments.append(_Segment(item, index, w, (audio, self.extractor.item_features(audio))))
-        # Transformers' audio_codes_mask: only frames fully covered by real samples (plus the extra one).
-        return _Pending(key, windows, (wave.size + 1) // hop), segments
+        # As many codes as the checkpoint family's reference keeps (Transformers' audio_codes_mask for X-Codec2).
+        return _Pending(key, windows, int(self.config.num_codes(wave.size))), segments
 
     def _prepare_decode(self, item: int, key: Any, codes: np.ndarray) -> tuple[_Pending, list[_Segment]]:
         windows = plan_windows(codes.size, self.window_frames, self.overlap_frames)
         segments = [_Segment(item, i, w, (codes[w.start : w.start + w.frames],)) for i, w in enumerate(windows)]
-        return _Pending(key, windows, codes.size * self.config.hop_length), segments
+        return _Pending(key, windows, codes.size * self.config.output_hop_length), segments
 
     def _stitch_codes(self, pending: _Pending) -> np.ndarray:
         parts = [pending.results[i][w.keep_start - w.start : w.keep_end - w.start]
@@ -337,7 +336,8 @@ class Engine:
 
     def _stitch_audio(self, pending: _Pending) -> np.ndarray:
         """Sum the windows' audio, each weighted by ramps that cross-fade around the cuts (weights sum to 1)."""
-        hop, fade = self.config.hop_length, self.settings.crossfade_frames * self.config.hop_length
+        hop = self.config.output_hop_length  # decoded samples per code
+        fade = self.settings.crossfade_frames * hop
         out = np.zeros(pending.valid, np.float32)
         last = len(pending.windows) - 1
         for i, w in enumerate(pending.windows):
@@ -402,7 +402,7 @@ class Engine:
         return self._stream("encode", items, self._prepare_encode, self._stitch_codes, threaded=True)
 
     def decode_stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
-        """(key, 1-D int codes) -> (key, float32 16 kHz audio of len(codes) * hop samples)."""
+        """(key, 1-D int codes) -> (key, float32 audio at the output rate, len(codes) * output hop samples)."""
         return self._stream("decode", items, self._prepare_decode, self._stitch_audio, threaded=False)
 
     def encode(self, waves: Sequence[np.ndarray], progress: bool = False) -> list[np.ndarray]:

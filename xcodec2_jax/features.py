@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcodec2_jax.audio import resample as resample_audio
+from xcodec2_jax.config import Xcodec2Config
 from xcodec2_jax.hub import PREPROCESSOR_CONFIG_NAME, resolve_checkpoint_dir
 
 # Kaldi floors energies at std::numeric_limits<float>::epsilon() before the log.
@@ -39,6 +40,7 @@ _LOW_FREQ_HZ = 20.0
 # Per-bin normalisation: (x - mean) / sqrt(unbiased var + this), as in Transformers.
 _NORM_EPSILON = 1e-7
 _FRAMES_PER_BLOCK = 1024
+NEUCODEC_EXTRACTOR = "NeuCodecFeatureExtractor"
 
 
 class BatchFeature(dict):
@@ -60,6 +62,8 @@ class Xcodec2FeatureExtractor:
         sampling_rate: the rate the model expects, in Hz.
         padding_value: value of padded fbank frames (the acoustic audio is always padded with zeros).
         hop_length: audio samples per codec frame; audio is padded to a multiple of it.
+        center: pad each clip with ``hop_length // 2`` zeros on both sides before the fbank (X-Codec2). NeuCodec's
+            extractor (``center=False``) skips it: one stacked frame fewer per clip.
     """
 
     # Fixed in Transformers' ``__init__`` (not read from the config); saved for compatibility.
@@ -75,11 +79,13 @@ class Xcodec2FeatureExtractor:
         sampling_rate: int = 16000,
         padding_value: float = 1.0,
         hop_length: int = 320,
+        center: bool = True,
     ) -> None:
         self.feature_size = feature_size
         self.sampling_rate = sampling_rate
         self.padding_value = padding_value
         self.hop_length = hop_length
+        self.center = center
 
         # Transformers passes frame length and shift to Kaldi in milliseconds and Kaldi turns them back into
         # samples with int(); repeat that float round trip so odd sampling rates truncate the same way.
@@ -97,8 +103,14 @@ class Xcodec2FeatureExtractor:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(feature_size={self.feature_size}, sampling_rate={self.sampling_rate}, "
-            f"padding_value={self.padding_value}, hop_length={self.hop_length})"
+            f"padding_value={self.padding_value}, hop_length={self.hop_length}, center={self.center})"
         )
+
+    @classmethod
+    def from_config(cls, config: Xcodec2Config) -> Xcodec2FeatureExtractor:
+        """The extractor a model config expects (its input rate, hop and NeuCodec's edge padding)."""
+        return cls(sampling_rate=config.sampling_rate, hop_length=config.hop_length,
+                   center=config.semantic_frame_lag == 0)
 
     # ----------------------------------------------------------------------------------------- config I/O
 
@@ -115,12 +127,13 @@ class Xcodec2FeatureExtractor:
         if config.get("padding_side", "right") != "right":
             raise ValueError(f"{config_file}: padding_side={config['padding_side']!r} is not supported, only 'right'")
         names = ("feature_size", "sampling_rate", "padding_value", "hop_length")
-        return cls(**{name: config[name] for name in names if name in config})
+        center = config.get("feature_extractor_type") != NEUCODEC_EXTRACTOR
+        return cls(**{name: config[name] for name in names if name in config}, center=center)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields Transformers' extractor serialises, so either library can load the other's file."""
         return {
-            "feature_extractor_type": "Xcodec2FeatureExtractor",
+            "feature_extractor_type": "Xcodec2FeatureExtractor" if self.center else NEUCODEC_EXTRACTOR,
             "feature_size": self.feature_size,
             "frame_length": self.frame_length,
             "frame_shift": self.frame_shift,
@@ -247,8 +260,8 @@ class Xcodec2FeatureExtractor:
         """Per-clip normalised Kaldi fbank, padded and stacked: float32 (B, F, 160) and int32 mask (B, F)."""
         batch = input_values.shape[0]
         # Transformers runs fbank on each clip's valid length rounded up to a hop multiple, plus hop // 2
-        # zeros each side; the batch padded the same way yields the same first frames per clip.
-        edge = self.hop_length // 2
+        # zeros each side (NeuCodec: none); the batch padded the same way yields the same first frames per clip.
+        edge = self.hop_length // 2 if self.center else 0
         clip_samples = -(-lengths // self.hop_length) * self.hop_length + 2 * edge
         num_frames = 1 + (clip_samples - self._window_size) // self._window_shift  # (B,)
         if num_frames.min() < 2:

@@ -19,6 +19,14 @@ TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
 TRANSFORMERS_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLAX_WEIGHTS_NAME = "flax_model.safetensors"
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
+# Pickled PyTorch checkpoints: never loaded (unpickling runs arbitrary code), only named in the error.
+PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
+TO_SAFETENSORS = (
+    "convert it once with PyTorch: `sd = torch.load(path, map_location='cpu', weights_only=True)`; keep the "
+    "model weights (a Lightning .ckpt holds them under 'state_dict'; drop discriminator and loss entries); "
+    "then `safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')` next to "
+    "the config.json"
+)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -31,6 +39,9 @@ def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = N
     if local.is_dir():
         return local
     if local.exists():
+        if local.suffix in PICKLE_SUFFIXES:
+            raise CheckpointNotFoundError(f"{local} is a pickled PyTorch checkpoint, which xcodec2-jax does not "
+                                          f"load; {TO_SAFETENSORS}")
         raise CheckpointNotFoundError(f"{str(path_or_repo_id)!r} is a file; expected a checkpoint directory")
     repo_id = str(path_or_repo_id)
     try:
@@ -60,9 +71,12 @@ def find_weights(checkpoint_dir: Path) -> tuple[str, list[Path]]:
         return "transformers", [checkpoint_dir / TRANSFORMERS_WEIGHTS_NAME]
     index = checkpoint_dir / TRANSFORMERS_WEIGHTS_INDEX_NAME
     if not index.is_file():
+        pickled = sorted(p.name for p in checkpoint_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f"; it has {pickled}, pickled PyTorch checkpoints xcodec2-jax does not load: {TO_SAFETENSORS}" \
+            if pickled else ""
         raise CheckpointNotFoundError(
             f"{checkpoint_dir} holds none of {FLAX_WEIGHTS_NAME}, {TRANSFORMERS_WEIGHTS_NAME}, "
-            f"{TRANSFORMERS_WEIGHTS_INDEX_NAME}"
+            f"{TRANSFORMERS_WEIGHTS_INDEX_NAME}{hint}"
         )
     shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     missing = [s for s in shards if not (checkpoint_dir / s).is_file()]

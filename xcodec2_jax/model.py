@@ -6,6 +6,10 @@ Shapes follow Transformers: ``input_values`` (B, 1, T), ``input_features`` (B, T
 One difference on purpose: when ``padding_mask`` is given, batching is padding-exact: each item is
 encoded (and, in ``__call__``, decoded) exactly as if it were alone. Transformers only uses
 ``padding_mask`` for ``audio_codes_mask``, so its padded items differ from unpadded ones near their end.
+
+The same class runs every checkpoint family (see the README's KNOWN_CHECKPOINTS): X-Codec2, NeuCodec
+(``input_features`` have one frame fewer, ``audio_values`` are 24 kHz, 480 samples per code), and the
+original ``xcodec2`` layout (all ``T // 320 + 1`` codes of a clip are valid, as its ``encode_code`` returns).
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 from . import engine
 from .audio import as_wave, load_audio, resample
-from .config import Xcodec2Config
+from .config import ConfigError, Xcodec2Config
 from .engine import Engine, EngineSettings
-from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, CheckpointNotFoundError, find_weights, resolve_checkpoint_dir
+from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, resolve_checkpoint_dir
 from .nn.codec import Xcodec2Codec
 from .nn.layers import Numerics
-from .weights import load_params, save_flax_params
+from .weights import TRAINING_ONLY, load_params, open_checkpoint, save_flax_params, transformers_state
+
+SAVE_FORMATS = ("flax", "transformers")
 
 
 @dataclasses.dataclass
@@ -71,6 +78,8 @@ def _latents_out(latents: jax.Array) -> np.ndarray:
 class Xcodec2Model:
     """X-Codec2 in JAX: 16 kHz speech <-> one code in [0, 65536) per 20 ms (50 tokens/s).
 
+    Decoded audio is at :attr:`output_sampling_rate` (16 kHz, NeuCodec 24 kHz, Anime-XCodec2 44.1 kHz).
+
     Attributes:
         config: the :class:`Xcodec2Config`.
         graphdef, state: the NNX split of the codec module, for use in your own jitted functions
@@ -83,6 +92,16 @@ class Xcodec2Model:
         self.dtype = codec.numerics.dtype
         self._engines: dict[EngineSettings, Engine] = {}
 
+    @property
+    def sampling_rate(self) -> int:
+        """Rate of the audio the encoder takes, in Hz."""
+        return self.config.sampling_rate
+
+    @property
+    def output_sampling_rate(self) -> int:
+        """Rate of the audio the decoder gives, in Hz."""
+        return self.config.output_rate
+
     # ------------------------------------------------------------------------------------- loading
     @classmethod
     def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0) -> Xcodec2Model:
@@ -93,7 +112,10 @@ class Xcodec2Model:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, dtype=jnp.float32,
                         revision: str | None = None) -> Xcodec2Model:
-        """Load a Transformers checkpoint (converted on the fly) or one written by :meth:`save_pretrained`.
+        """Load a checkpoint of any known layout, converted on the fly on the host.
+
+        Transformers' X-Codec2 and NeuCodec, the original ``xcodec2`` 0.1.5 release and its fine-tunes
+        (detected by their keys), and checkpoints written by :meth:`save_pretrained`. Safetensors only.
 
         Args:
             path_or_repo_id: a local directory (``config.json`` + ``model.safetensors``, a sharded
@@ -104,22 +126,38 @@ class Xcodec2Model:
             revision: Hub branch, tag or commit.
         """
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
-        if not (directory / CONFIG_NAME).is_file():
-            raise CheckpointNotFoundError(f"{directory} has no {CONFIG_NAME}; expected an X-Codec2 checkpoint")
-        config = Xcodec2Config.from_json_file(directory / CONFIG_NAME)
+        config, source, flax = open_checkpoint(directory)
         numerics = Numerics.for_dtype(dtype)
         abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=nnx.Rngs(0)))
-        source, files = find_weights(directory)
-        params = load_params(abstract, files, source=source)
-        nnx.update(abstract, params)
+        nnx.update(abstract, load_params(abstract, source, flax=flax))
         return cls(config, abstract)
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write ``config.json`` + ``flax_model.safetensors`` (Flax layout; loads back without torch)."""
+    def save_pretrained(self, save_directory: str | Path, format: str = "flax") -> None:
+        """Write ``config.json`` and the weights into ``save_directory``.
+
+        Args:
+            format: ``"flax"``: ``flax_model.safetensors`` in Flax layout (loads back here, without torch).
+                ``"transformers"``: ``model.safetensors`` that Transformers' ``Xcodec2Model`` /
+                ``NeuCodecModel.from_pretrained`` loads with no missing or unexpected keys (weights changed
+                in JAX go back to PyTorch users). Models with a decoder upsampler (Anime-XCodec2) have no
+                Transformers class and are refused.
+        """
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"format={format!r}; expected one of {SAVE_FORMATS}")
+        codec = nnx.merge(self.graphdef, self.state)
+        if format == "transformers" and self.config.upsample_factors:
+            raise ConfigError("this model has a decoder upsampler (upsample_factors="
+                              f"{self.config.upsample_factors}), which Transformers has no model for; save it with "
+                              "format='flax'")
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", "utf-8")
-        save_flax_params(nnx.merge(self.graphdef, self.state), directory / FLAX_WEIGHTS_NAME)
+        if format == "flax":
+            save_flax_params(codec, directory / FLAX_WEIGHTS_NAME)
+            return
+        extras = {key: shape(self.config) for key, shape in TRAINING_ONLY.items()}
+        save_file(transformers_state(codec, extras), str(directory / TRANSFORMERS_WEIGHTS_NAME),
+                  metadata={"format": "pt"})
 
     # ---------------------------------------------------------------------------- Transformers API
     def _lengths(self, padding_mask, total: int) -> jax.Array | None:
@@ -140,7 +178,8 @@ class Xcodec2Model:
         hop, frames = self.config.hop_length, total // self.config.hop_length
         if channels != 1 or total % hop:
             raise ValueError(f"input_values must be (B, 1, T) with T a multiple of {hop}; got {waveform.shape}")
-        want = (b, frames, self.config.semantic.feature_projection_input_dim)
+        semantic_frames = frames - self.config.semantic_frame_lag
+        want = (b, semantic_frames, self.config.semantic.feature_projection_input_dim)
         if features.shape != want:
             raise ValueError(f"input_features must have shape {want} for input_values {waveform.shape}; "
                              f"got {features.shape}")
@@ -149,13 +188,17 @@ class Xcodec2Model:
         if input_features_mask is not None:
             feature_mask = _as_batch("input_features_mask", input_features_mask, 2).astype(bool)
         elif lengths is not None:
-            feature_mask = jnp.arange(frames)[None, :] < (lengths // hop)[:, None]
+            valid = lengths // hop - self.config.semantic_frame_lag
+            feature_mask = jnp.arange(semantic_frames)[None, :] < valid[:, None]
         codes, latents = engine.encode_arrays(self.graphdef, self.state, waveform, features, lengths, feature_mask)
         codes_mask = None
         if padding_mask is not None:
-            # As Transformers: only frames fully covered by real samples count as valid codes.
-            valid = jnp.asarray(padding_mask).astype(jnp.int32).sum(-1, keepdims=True) // hop
-            codes_mask = (jnp.arange(frames)[None, :] < valid).astype(jnp.int32)
+            # The padding mask counts each clip's samples plus the one zero the extractor appends. X-Codec2 (as
+            # Transformers): only frames fully covered by them are valid; NeuCodec: its single-clip count;
+            # original layout: every frame (see Xcodec2Config.num_codes).
+            samples = np.asarray(padding_mask).astype(np.int64).reshape(b, -1).sum(-1) - 1
+            valid = self.config.num_codes(samples)
+            codes_mask = (np.arange(codes.shape[1])[None, :] < valid[:, None]).astype(np.int32)
         return codes, latents, codes_mask, lengths
 
     def _decode(self, latents: jax.Array, frame_lengths: jax.Array | None) -> jax.Array:
@@ -164,7 +207,7 @@ class Xcodec2Model:
         if frame_lengths is None:
             return audio
         samples = jnp.arange(audio.shape[-1])[None, :]
-        return jnp.where(samples < frame_lengths[:, None] * self.config.hop_length, audio, 0.0)
+        return jnp.where(samples < frame_lengths[:, None] * self.config.output_hop_length, audio, 0.0)
 
     def encode(self, input_values, input_features, padding_mask=None, input_features_mask=None,
                output_latents: bool = False) -> Xcodec2EncoderOutput:
@@ -188,7 +231,7 @@ class Xcodec2Model:
         )
 
     def decode(self, audio_codes=None, latents=None, audio_codes_mask=None) -> Xcodec2DecoderOutput:
-        """Codes (B, 1, F) or latents (B, D, F) -> ``audio_values`` (B, 1, F * 320).
+        """Codes (B, 1, F) or latents (B, D, F) -> ``audio_values`` (B, 1, F * output hop), e.g. F * 320.
 
         ``audio_codes_mask`` (B, F) or (B, 1, F): decode each item's valid codes as if alone (padding-
         exact); samples after an item's last valid frame are zero.
@@ -215,11 +258,14 @@ class Xcodec2Model:
 
     def __call__(self, input_values, input_features, padding_mask=None, input_features_mask=None,
                  output_latents: bool = False) -> Xcodec2Output:
-        """Encode, then decode from the latents; audio trimmed to the input length (as Transformers)."""
+        """Encode, then decode from the latents; audio trimmed to the input duration (as Transformers)."""
         codes, latents, codes_mask, lengths = self._encode(input_values, input_features, padding_mask,
                                                             input_features_mask)
-        frame_lengths = None if lengths is None else lengths // self.config.hop_length
-        audio = self._decode(latents, frame_lengths)[:, : np.shape(input_values)[-1]]
+        frame_lengths = None
+        if lengths is not None:  # the frames with latents (NeuCodec: one fewer than the padded clip's)
+            frame_lengths = lengths // self.config.hop_length - self.config.semantic_frame_lag
+        duration = int(np.shape(input_values)[-1] * self.config.output_rate / self.config.sampling_rate)
+        audio = self._decode(latents, frame_lengths)[:, :duration]
         return Xcodec2Output(
             audio_values=np.array(audio)[:, None, :],
             audio_codes=np.array(codes)[:, None, :],
@@ -247,8 +293,10 @@ class Xcodec2Model:
             progress: show a progress bar.
             settings: batching, bucketing and windowing (:class:`EngineSettings`).
 
-        Each clip's codes are those of the clip encoded alone (padding-exact batching), with the trailing
-        partial frame dropped as Transformers' ``audio_codes_mask`` does: ``(len(clip) + 1) // 320`` codes.
+        Each clip's codes are those of the clip encoded alone (padding-exact batching), as many as its
+        family's reference keeps (``config.num_codes``): X-Codec2 drops the trailing partial frame as
+        Transformers' ``audio_codes_mask`` does, ``(len(clip) + 1) // 320`` codes; NeuCodec gives
+        ``len(clip) // 320``; the original layout ``len(clip) // 320 + 1``, as its ``encode_code``.
         """
         items = waves_or_paths if isinstance(waves_or_paths, (list, tuple)) else [waves_or_paths]
         rate = self.config.sampling_rate
@@ -265,7 +313,8 @@ class Xcodec2Model:
 
     def decode_codes(self, codes, *, progress: bool = False, settings: EngineSettings | None = None
                      ) -> list[np.ndarray]:
-        """1-D integer code arrays -> float32 16 kHz waveforms of ``len(codes) * 320`` samples each."""
+        """1-D integer code arrays -> float32 waveforms at :attr:`output_sampling_rate`, of
+        ``len(codes) * config.output_hop_length`` samples each (320 at 16 kHz)."""
         items = codes if isinstance(codes, (list, tuple)) else [codes]
         checked = [self._check_codes(c, index) for index, c in enumerate(items)]
         nonempty = [i for i, c in enumerate(checked) if c.size]

@@ -647,7 +647,7 @@ def detokenize_corpus(out_dir: str | Path, wav_dir: str | Path, *,
                 part = rows[start : start + chunk]
                 waves = codec.decode_codes([codes for _, codes in part], settings=settings)
                 for (item_id, _), wave in zip(part, waves, strict=True):
-                    written.append(save_audio(paths[item_id], wave, codec.config.sampling_rate))
+                    written.append(save_audio(paths[item_id], wave, codec.output_sampling_rate))
                     bar.update()
     return written
 

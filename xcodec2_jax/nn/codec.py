@@ -31,6 +31,7 @@ class Xcodec2Codec(nnx.Module):
         self.quantizer = Quantizer(config, numerics=numerics, rngs=rngs)
         self.acoustic_decoder = VocosDecoder(config, numerics=numerics, rngs=rngs)
         self.hop_length = config.hop_length
+        self.semantic_frame_lag = config.semantic_frame_lag
         self.numerics = numerics
 
     def encode(self, waveform: Array, features: Array, sample_lengths: Array | None = None,
@@ -42,24 +43,30 @@ class Xcodec2Codec(nnx.Module):
             features: (B, T / hop, 160) float, stacked log-mel frames.
             sample_lengths: (B,) int valid samples per item (multiples of the hop), or None. When given,
                 every item is encoded exactly as if it were alone (padding-exact batching).
-            feature_mask: (B, T / hop) valid semantic frames, or None (all valid).
+            feature_mask: (B, F_s) valid semantic frames, or None (all valid).
+
+        ``F_s`` is ``T / hop`` (NeuCodec: ``T / hop - 1``, its features skip the edge padding); both branches
+        are trimmed to the shorter one, as NeuCodec does.
 
         Returns:
             codes (B, F) int32 and latents (B, F, hidden + semantic hidden) in the compute dtype.
         """
-        frame_mask = None
+        semantic_mask = None
         if sample_lengths is not None:
             frames = jnp.arange(features.shape[1])
-            frame_mask = frames[None, :] < (sample_lengths // self.hop_length)[:, None]
+            semantic_frames = sample_lengths // self.hop_length - self.semantic_frame_lag
+            semantic_mask = frames[None, :] < semantic_frames[:, None]
         semantic = self.semantic_encoder(features.astype(self.numerics.dtype), feature_mask)
-        semantic = self.semantic_adapter(semantic, frame_mask)
+        semantic = self.semantic_adapter(semantic, semantic_mask)
         acoustic = self.acoustic_encoder(waveform.astype(self.numerics.dtype), sample_lengths)
-        fused = self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
+        frames = min(semantic.shape[1], acoustic.shape[1])
+        fused = jnp.concatenate([semantic[:, :frames], acoustic[:, :frames].astype(semantic.dtype)], axis=-1)
+        fused = self.fc_encoder(fused)
         latents, codes = self.quantizer(fused)
         return codes, latents
 
     def decode(self, latents: Array, frame_lengths: Array | None = None) -> Array:
-        """Quantized latents (B, F, D) -> waveform (B, F * hop) float32.
+        """Quantized latents (B, F, D) -> waveform (B, F * output hop) float32.
 
         ``frame_lengths`` (B,) valid frames per item makes decoding padding-exact; None: all valid.
         """

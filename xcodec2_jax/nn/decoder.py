@@ -1,4 +1,4 @@
-"""Vocos decoder: fc, embed conv, ResNet blocks, transformer, ResNet blocks, LayerNorm, ISTFT head.
+"""Vocos decoder: fc, embed conv, ResNet blocks, transformer, ResNet blocks, LayerNorm, (upsampler,) ISTFT head.
 
 Channels-last, (B, F, C). ``mask`` (B, F, 1) marks each item's valid frames: convs see zeros after an
 item's end, GroupNorm statistics and attention keys cover only its own frames, and the ISTFT overlap-add
@@ -21,8 +21,8 @@ from .layers import Array, Conv1d, GroupNorm, LayerNorm, Linear, Numerics, RMSNo
 class ResNetBlock(nnx.Module):
     """x + conv(silu(gn(conv(silu(gn(x)))))) with k=3 convs: (B, F, C) -> (B, F, C)."""
 
-    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
-        dim, groups, eps = config.hidden_size, config.group_norm_groups, config.group_norm_eps
+    def __init__(self, config: Xcodec2Config, dim: int | None = None, *, numerics: Numerics, rngs: nnx.Rngs):
+        dim, groups, eps = dim or config.hidden_size, config.group_norm_groups, config.group_norm_eps
         self.norm1 = GroupNorm(groups, dim, eps=eps, rngs=rngs)
         self.conv1 = Conv1d(dim, dim, 3, padding=(1, 1), numerics=numerics, rngs=rngs)
         self.norm2 = GroupNorm(groups, dim, eps=eps, rngs=rngs)
@@ -132,12 +132,13 @@ def overlap_add(frames: Array, hop: int) -> Array:
 class ISTFTHead(nnx.Module):
     """Linear -> log-magnitude and phase -> irfft -> Hann window -> overlap-add with "same" padding.
 
-    (B, F, C) -> (B, F * hop) float32. Always float32: exp, polar and irfft need it.
+    (B, F, C) -> (B, F * hop) float32, ``hop`` the config's ISTFT hop (320 X-Codec2, 480 NeuCodec at 24 kHz).
+    Always float32: exp, polar and irfft need it.
     """
 
     def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
         self.linear = Linear(config.hidden_size, config.n_fft + 2, numerics=numerics, rngs=rngs)
-        self.n_fft, self.hop = config.n_fft, config.hop_length
+        self.n_fft, self.hop = config.n_fft, config.istft_hop_length
 
     def __call__(self, x: Array, mask: Array | None) -> Array:
         spec = self.linear(x).astype(jnp.float32)
@@ -154,8 +155,64 @@ class ISTFTHead(nnx.Module):
         return audio / jnp.maximum(envelope, 1e-11)
 
 
+class ConvTranspose1d(nnx.Module):
+    """PyTorch's ConvTranspose1d with symmetric ``padding``, channels-last: (B, T, C_in) -> (B, T', C_out),
+    ``T' = (T - 1) * stride + kernel_size - 2 * padding``.
+
+    Computed as a convolution of the input dilated by ``stride`` with the kernel flipped in time. ``mask``
+    (B, T, 1) zeroes padded frames first, so an item's first ``stride * length`` outputs are what it gets alone.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, *,
+                 numerics: Numerics, rngs: nnx.Rngs):
+        bound = (out_channels * kernel_size) ** -0.5  # PyTorch's fan-in of a transposed conv weight
+        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, numerics.dtype, -bound, bound)
+        self.kernel = nnx.Param(uniform((kernel_size, in_channels, out_channels)))
+        self.bias = nnx.Param(uniform((out_channels,)))
+        self.stride, self.padding = stride, padding
+        self.numerics = numerics
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        if mask is not None:
+            x = x * mask.astype(x.dtype)
+        edge = self.kernel.shape[0] - 1 - self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.numerics.dtype), self.kernel[...][::-1], window_strides=(1,), padding=((edge, edge),),
+            lhs_dilation=(self.stride,), dimension_numbers=("NHC", "HIO", "NHC"), precision=self.numerics.precision,
+        )
+        return y + self.bias[...]
+
+
+class Upsampler(nnx.Module):
+    """Decoder upsampler of the Anime-XCodec2 44.1 kHz family: (B, F, C) -> (B, F * prod(factors), C).
+
+    Per stage a transposed conv (stride u, kernel k, padding (k - u) / 2) halving the channels and a ResNet
+    block; then a Linear back to ``hidden_size`` and SiLU. ``mask`` (B, F, 1) is repeated to each new rate.
+    """
+
+    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
+        dim = config.hidden_size
+        stages = list(enumerate(zip(config.upsample_factors, config.upsample_kernel_sizes, strict=True)))
+        self.upsample_layers = nnx.List([
+            ConvTranspose1d(dim >> i, dim >> (i + 1), k, u, (k - u) // 2, numerics=numerics, rngs=rngs)
+            for i, (u, k) in stages
+        ])
+        self.resnet_blocks = nnx.List([ResNetBlock(config, dim >> (i + 1), numerics=numerics, rngs=rngs)
+                                       for i, _ in stages])
+        self.out_proj = Linear(dim >> len(stages), dim, numerics=numerics, rngs=rngs)
+        self.factors = config.upsample_factors
+
+    def __call__(self, x: Array, mask: Array | None) -> tuple[Array, Array | None]:
+        """Returns the upsampled features and the mask at the output frame rate."""
+        for upsample, block, factor in zip(self.upsample_layers, self.resnet_blocks, self.factors, strict=True):
+            x = upsample(x, mask)
+            mask = None if mask is None else jnp.repeat(mask, factor, axis=1)
+            x = block(x, mask)
+        return jax.nn.silu(self.out_proj(x)), mask
+
+
 class VocosDecoder(nnx.Module):
-    """Quantized latents (B, F, hidden + semantic hidden) -> waveform (B, F * hop) float32."""
+    """Quantized latents (B, F, hidden + semantic hidden) -> waveform (B, F * output hop) float32."""
 
     def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
         dim = config.hidden_size
@@ -166,6 +223,7 @@ class VocosDecoder(nnx.Module):
                                 for _ in range(config.num_hidden_layers)])
         self.post_net = nnx.List([ResNetBlock(config, numerics=numerics, rngs=rngs) for _ in range(2)])
         self.norm = LayerNorm(dim, eps=config.decoder_layer_norm_eps, rngs=rngs)
+        self.upsampler = Upsampler(config, numerics=numerics, rngs=rngs) if config.upsample_factors else None
         self.head = ISTFTHead(config, numerics=numerics, rngs=rngs)
 
     def __call__(self, latents: Array, frame_lengths: Array | None = None) -> Array:
@@ -181,4 +239,7 @@ class VocosDecoder(nnx.Module):
             x = layer(x, mask)
         for block in self.post_net:
             x = block(x, mask)
-        return self.head(self.norm(x), mask)
+        x = self.norm(x)
+        if self.upsampler is not None:
+            x, mask = self.upsampler(x, mask)
+        return self.head(x, mask)
