@@ -60,11 +60,12 @@ def calibrate_fsq_input_(model: TorchXcodec2Model, inputs: dict[str, torch.Tenso
     layer.bias.copy_((layer.bias - mean) * FSQ_INPUT_STD / std)
 
 
-def random_reference_model(config: TorchXcodec2Config, seed: int,
-                           calibration_inputs: dict[str, torch.Tensor]) -> TorchXcodec2Model:
-    """A float32 eval-mode Transformers ``Xcodec2Model`` with non-trivial random weights."""
+def random_reference_model(config: TorchXcodec2Config, seed: int, calibration_inputs: dict[str, torch.Tensor],
+                           model_class: type = TorchXcodec2Model) -> TorchXcodec2Model:
+    """A float32 eval-mode Transformers ``Xcodec2Model`` (or ``model_class``, e.g. ``NeuCodecModel``) with
+    non-trivial random weights."""
     torch.manual_seed(seed)
-    model = TorchXcodec2Model(config).eval().float()
+    model = model_class(config).eval().float()
     randomize_(model, seed)
     calibrate_fsq_input_(model, calibration_inputs)
     return model

@@ -18,7 +18,9 @@ import torch
 from conftest import assert_nontrivial
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+from transformers import Xcodec2Model as TorchXcodec2Model
 
+from convert.kaldi_reference import reference_feature_extractor
 from convert.original_reference import OriginalSizes, original_model, save_original_checkpoint
 from convert.speech import speech_clip
 from xcodec2_jax import CheckpointError, Xcodec2Model
@@ -49,8 +51,9 @@ def _arrays(model: Xcodec2Model) -> dict[str, np.ndarray]:
 
 def test_config_is_read_from_the_shapes(original):
     config = original[2].config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (128, 2, 2, 64)
-    assert (config.encoder_hidden_size, config.downsampling_ratios, config.quantization_dim) == (8, (2, 2, 4, 4, 5), 144)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 2, 2)
+    assert (config.head_dim, config.encoder_hidden_size, config.quantization_dim) == (64, 8, 144)
+    assert config.downsampling_ratios == (2, 2, 4, 4, 5)
     assert (config.semantic.hidden_size, config.semantic.num_hidden_layers, config.semantic.num_attention_heads) \
         == (16, 16, 2)
     assert config.semantic.conv_depthwise_kernel_size == 5 and config.code_count_rule == "original"
@@ -129,6 +132,20 @@ def test_pickled_checkpoints_are_refused(original, tmp_path):
     for target in (tmp_path, tmp_path / "epoch=4-step=1400000.ckpt"):
         with pytest.raises(CheckpointNotFoundError, match=r"pickled PyTorch checkpoint.*safetensors\.torch\.save_file"):
             Xcodec2Model.from_pretrained(target)
+
+
+def test_export_loads_in_transformers_with_the_original_codes(original, original_clips, tmp_path):
+    """Exported to Transformers' layout, Transformers gives the original's codes (it keeps all frames too)."""
+    torch_model, _, model = original
+    model.save_pretrained(tmp_path, format="transformers")
+    exported, info = TorchXcodec2Model.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    clip = original_clips[1]
+    with torch.no_grad():
+        theirs = exported.eval().encode(**reference_feature_extractor()(clip, sampling_rate=16000,
+                                                                        return_tensors="pt")).audio_codes
+        want = torch_model.encode_code(torch.from_numpy(clip)[None])
+    np.testing.assert_array_equal(theirs.numpy(), want.numpy())
 
 
 def test_cli_convert_accepts_the_original_layout(original, tmp_path, capsys):

@@ -222,8 +222,8 @@ def save_flax_params(module: nnx.Module, path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": FLAX_FORMAT, "version": FLAX_FORMAT_VERSION})
 
 
-class _ArraySource:
-    """In-memory tensors as a :class:`TensorSource` (to check an export against the loader)."""
+class ArraySource:
+    """In-memory tensors (anything with ``.shape``) as a :class:`TensorSource`."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray]):
         self.tensors = tensors
@@ -252,5 +252,5 @@ def transformers_state(module: nnx.Module, training_only_shapes: Mapping[str, tu
         state[key] = np.ascontiguousarray(np.transpose(array, np.argsort(layout)) if layout else array)
     for key, shape in training_only_shapes.items():
         state[key] = np.zeros(shape, np.float32)
-    plan_load(expected_params(module), _ArraySource(state), flax=False)
+    plan_load(expected_params(module), ArraySource(state), flax=False)
     return state
