@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from transformers import Xcodec2Config as TorchXcodec2Config  # noqa: E402
 from transformers import Xcodec2Model as TorchXcodec2Model  # noqa: E402
 
+from convert.original_reference import OriginalSizes  # noqa: E402
 from convert.speech import speech_clip  # noqa: E402
 from convert.torch_reference import random_reference_model, save_reference_checkpoint  # noqa: E402
 from xcodec2_jax import Xcodec2Model  # noqa: E402
@@ -48,6 +49,15 @@ TINY = {
         "intermediate_size": 64,
     },
 }
+
+
+# The original xcodec2 0.1.5 layout: its config.json carries no sizes and its modules take them as constructor
+# arguments, so the tiny checkpoint is built with small arguments and our loader reads them back from the tensor
+# shapes. Kept at the original's fixed values: the hop (320, hard-coded in its preprocessing), FSQ levels, the
+# decoder RoPE dimension 64 (so 2 heads of 64 at hidden 128), w2v-bert's relative positions, and 17 semantic
+# layers (its encode_code reads hidden state 16; the 17th exercises the dropping of layers past 16).
+TINY_ORIGINAL = OriginalSizes(ngf=8, hidden=128, depth=2, heads=2, semantic_hidden=16, semantic_layers=17,
+                              semantic_heads=2, semantic_intermediate=32, semantic_kernel=5)
 
 
 def tiny_torch_config(**overrides) -> TorchXcodec2Config:

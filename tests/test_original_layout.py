@@ -1,11 +1,5 @@
-"""The original ``xcodec2`` 0.1.5 layout against the original package's own modules, on a tiny random checkpoint.
-
-Sizes: the original ``config.json`` carries no sizes, and its modules take them as constructor arguments, so
-the tiny checkpoint is built with small arguments and our loader reads them back from the tensor shapes.
-Kept at the original's fixed values: the hop (320, hard-coded in its preprocessing), FSQ levels, the decoder
-RoPE dimension 64 (so 2 heads of 64 at hidden 128), w2v-bert's relative positions, and 17 semantic layers
-(its ``encode_code`` reads hidden state 16; the 17th exercises the dropping of layers past 16).
-"""
+"""The original ``xcodec2`` 0.1.5 layout against the original package's own modules, on a tiny random checkpoint
+(``TINY_ORIGINAL`` in conftest.py says how its sizes were chosen)."""
 
 from __future__ import annotations
 
@@ -15,20 +9,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_nontrivial
+from conftest import TINY_ORIGINAL, assert_nontrivial
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import Xcodec2Model as TorchXcodec2Model
 
 from convert.kaldi_reference import reference_feature_extractor
-from convert.original_reference import OriginalSizes, original_model, save_original_checkpoint
+from convert.original_reference import original_model, save_original_checkpoint
 from convert.speech import speech_clip
 from xcodec2_jax import CheckpointError, Xcodec2Model
 from xcodec2_jax.cli import main as cli_main
 from xcodec2_jax.hub import CheckpointNotFoundError
 
-TINY_ORIGINAL = OriginalSizes(ngf=8, hidden=128, depth=2, heads=2, semantic_hidden=16, semantic_layers=17,
-                              semantic_heads=2, semantic_intermediate=32, semantic_kernel=5)
 DECODE_TOL = 1e-4
 
 
