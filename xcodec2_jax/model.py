@@ -75,6 +75,22 @@ def _latents_out(latents: jax.Array) -> np.ndarray:
     return np.array(latents.astype(jnp.float32)).transpose(0, 2, 1)
 
 
+class _KeyStream:
+    """``rngs.params()`` for shape-only construction: a fresh key per call, no NNX RNG state.
+
+    Under ``nnx.eval_shape`` every ``nnx.Rngs`` draw updates a traced counter, and each update formats an
+    error message that walks the whole trace, so building the abstract model is quadratic in the number
+    of parameters (10 s for the tiny test model); the weights overwrite these draws anyway.
+    """
+
+    def __init__(self) -> None:
+        self.key, self.count = jax.random.key(0), 0
+
+    def params(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
 class Xcodec2Model:
     """X-Codec2 in JAX: 16 kHz speech <-> one code in [0, 65536) per 20 ms (50 tokens/s).
 
@@ -128,7 +144,7 @@ class Xcodec2Model:
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
         config, source, flax = open_checkpoint(directory)
         numerics = Numerics.for_dtype(dtype)
-        abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=_KeyStream()))
         nnx.update(abstract, load_params(abstract, source, flax=flax))
         return cls(config, abstract)
 
