@@ -77,6 +77,8 @@ def test_single_clips_match_neucodec(neucodec, neu_clips):
         with torch.no_grad():
             want_audio = torch_model.decode(audio_codes=want.audio_codes).audio_values[0, 0].numpy()
         assert audio.shape == want_audio.shape == (codes.size * 480,)
+        print(f"neucodec, {clip.size} samples: {codes.size} codes equal; 24 kHz max abs err "
+              f"{np.abs(audio - want_audio).max():.3g} (peak {np.abs(want_audio).max():.3g})")
         assert np.abs(audio - want_audio).max() < AUDIO_TOL
         assert_nontrivial(codes, audio)
 

@@ -62,6 +62,8 @@ def test_codes_and_audio_match_the_original_package(original, original_clips):
         assert codes.size == clip.size // 320 + 1, "the original keeps every code of the padded clip"
         np.testing.assert_array_equal(codes, want_codes[0, 0].numpy())
         assert audio.shape == want_audio.shape
+        print(f"original layout, {clip.size} samples: {codes.size} codes equal; decode max abs err "
+              f"{np.abs(audio - want_audio).max():.3g} (peak {np.abs(want_audio).max():.3g})")
         assert np.abs(audio - want_audio).max() < DECODE_TOL
         assert_nontrivial(codes, audio)
 
