@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from transformers import Xcodec2Config as TorchXcodec2Config  # noqa: E402
 from transformers import Xcodec2Model as TorchXcodec2Model  # noqa: E402
 
-from convert.original_reference import OriginalSizes  # noqa: E402
+from convert.original_reference import OriginalSizes, original_model, save_original_checkpoint  # noqa: E402
 from convert.speech import speech_clip  # noqa: E402
 from convert.torch_reference import random_reference_model, save_reference_checkpoint  # noqa: E402
 from xcodec2_jax import Xcodec2Model  # noqa: E402
@@ -91,6 +91,20 @@ def reference(tmp_path_factory, torch_features) -> Reference:
     torch_model = random_reference_model(tiny_torch_config(), seed=0, calibration_inputs=calibration)
     checkpoint = save_reference_checkpoint(torch_model, tmp_path_factory.mktemp("tiny-xcodec2"))
     return Reference(torch_model, checkpoint, Xcodec2Model.from_pretrained(checkpoint))
+
+
+@pytest.fixture(scope="session")
+def original_clips() -> list[np.ndarray]:
+    """Two clips in one engine bucket (one compilation), lengths not multiples of the hop."""
+    return [speech_clip(1.3, seed=0), speech_clip(1.77, seed=2)]
+
+
+@pytest.fixture(scope="session")
+def original(tmp_path_factory, original_clips):
+    """(torch model of the xcodec2 0.1.5 package, its original-layout checkpoint, our model loaded from it)."""
+    torch_model = original_model(TINY_ORIGINAL, seed=0, calibration=original_clips[0])
+    directory = save_original_checkpoint(torch_model, tmp_path_factory.mktemp("tiny-original"))
+    return torch_model, directory, Xcodec2Model.from_pretrained(directory)
 
 
 def assert_nontrivial(codes: np.ndarray, audio: np.ndarray) -> None:

@@ -14,6 +14,7 @@ upsampler -> ISTFT head at ``hop_length``. A third-party ggml port of Anime-XCod
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -21,8 +22,7 @@ import pytest
 import torch
 from conftest import TINY_ORIGINAL, assert_nontrivial
 
-from convert.original_reference import original_model, original_package, save_original_checkpoint
-from convert.speech import speech_clip
+from convert.original_reference import original_package, save_original_checkpoint
 from convert.torch_reference import randomize_
 from xcodec2_jax import Xcodec2Model
 
@@ -61,9 +61,9 @@ def decode(model, codes: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def anime(tmp_path_factory):
-    clip = speech_clip(1.77, seed=2)
-    torch_model = original_model(TINY_ORIGINAL, seed=1, calibration=clip)
+def anime(tmp_path_factory, original, original_clips):
+    """The tiny original model with an upsampler and a 44.1 kHz head (random too), and codes of a clip."""
+    torch_model = copy.deepcopy(original[0])
     _, _, codec_decoder_vocos, _ = original_package()
     torch_model.generator.upsampler = UpSamplerBlock(TINY_ORIGINAL.hidden, FACTORS, KERNELS)
     torch_model.generator.head = codec_decoder_vocos.ISTFTHead(dim=TINY_ORIGINAL.hidden, n_fft=4 * HOP, hop_length=HOP)
@@ -75,7 +75,7 @@ def anime(tmp_path_factory):
     config.update(sample_rate=RATE, hop_length=HOP, upsample_factors=list(FACTORS), upsample_kernel_sizes=list(KERNELS))
     (directory / "config.json").write_text(json.dumps(config))
     with torch.no_grad():
-        codes = torch_model.encode_code(torch.from_numpy(clip)[None])
+        codes = torch_model.encode_code(torch.from_numpy(original_clips[1])[None])
     return torch_model, Xcodec2Model.from_pretrained(directory), codes
 
 

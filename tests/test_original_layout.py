@@ -9,32 +9,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ORIGINAL, assert_nontrivial
+from conftest import assert_nontrivial
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import Xcodec2Model as TorchXcodec2Model
 
 from convert.kaldi_reference import reference_feature_extractor
-from convert.original_reference import original_model, save_original_checkpoint
-from convert.speech import speech_clip
+from convert.original_reference import save_original_checkpoint
 from xcodec2_jax import CheckpointError, Xcodec2Model
 from xcodec2_jax.cli import main as cli_main
 from xcodec2_jax.hub import CheckpointNotFoundError
 
 DECODE_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def original_clips() -> list[np.ndarray]:
-    """Two clips in one engine bucket (one compilation), lengths not multiples of the hop."""
-    return [speech_clip(1.3, seed=0), speech_clip(1.77, seed=2)]
-
-
-@pytest.fixture(scope="module")
-def original(tmp_path_factory, original_clips):
-    torch_model = original_model(TINY_ORIGINAL, seed=0, calibration=original_clips[0])
-    directory = save_original_checkpoint(torch_model, tmp_path_factory.mktemp("tiny-original"))
-    return torch_model, directory, Xcodec2Model.from_pretrained(directory)
 
 
 def _arrays(model: Xcodec2Model) -> dict[str, np.ndarray]:

@@ -40,8 +40,8 @@ def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = N
         return local
     if local.exists():
         if local.suffix in PICKLE_SUFFIXES:
-            raise CheckpointNotFoundError(f"{local} is a pickled PyTorch checkpoint, which xcodec2-jax does not "
-                                          f"load; {TO_SAFETENSORS}")
+            raise CheckpointNotFoundError(f"{local} is a file; expected a checkpoint directory. A pickled PyTorch "
+                                          f"checkpoint ({'/'.join(PICKLE_SUFFIXES)}) is not loaded: {TO_SAFETENSORS}")
         raise CheckpointNotFoundError(f"{str(path_or_repo_id)!r} is a file; expected a checkpoint directory")
     repo_id = str(path_or_repo_id)
     try:
