@@ -168,11 +168,11 @@ def _help(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["encode", "decode", "roundtrip", "convert"])
+@pytest.mark.parametrize("command", ["encode", "decode", "roundtrip", "convert", "export"])
 def test_subcommand_help(command, capsys):
     out = _help([command, "--help"], capsys)
     assert out.startswith(f"usage: xcodec2-jax {command}") and "examples:" in out and "--debug" in out
-    assert ("--model" in out) == (command != "convert")
+    assert ("--model" in out) == (command not in ("convert", "export"))
 
 
 @pytest.mark.parametrize("command", ["tokenize", "detokenize"])
@@ -183,7 +183,7 @@ def test_tokenize_subcommand_help(command, capsys):
 
 def test_main_help_lists_the_commands(capsys):
     out = _help(["--help"], capsys)
-    assert all(command in out for command in ("encode", "decode", "roundtrip", "convert"))
+    assert all(command in out for command in ("encode", "decode", "roundtrip", "convert", "export"))
 
 
 def test_usage_errors_exit_2_before_loading_anything(tmp_path, capsys):
