@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
-
-
-class ConfigError(ValueError):
-    """A configuration value this port cannot honour."""
 
 
 def _check_activation(name: str, field: str) -> str:
@@ -195,6 +193,8 @@ class Xcodec2Config:
                 raw = json.load(f)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:

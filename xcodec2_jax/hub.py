@@ -12,6 +12,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from .errors import CheckpointError, CheckpointNotFoundError
+
 DEFAULT_REPO_ID = "HKUSTAudio/xcodec2-hf"
 CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -19,10 +21,6 @@ TRANSFORMERS_WEIGHTS_NAME = "model.safetensors"
 TRANSFORMERS_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 FLAX_WEIGHTS_NAME = "flax_model.safetensors"
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No usable checkpoint at the given path or repo id."""
 
 
 def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
@@ -64,7 +62,11 @@ def find_weights(checkpoint_dir: Path) -> tuple[str, list[Path]]:
             f"{checkpoint_dir} holds none of {FLAX_WEIGHTS_NAME}, {TRANSFORMERS_WEIGHTS_NAME}, "
             f"{TRANSFORMERS_WEIGHTS_INDEX_NAME}"
         )
-    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, no weight_map, not a mapping
+        raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): "
+                              f"{type(err).__name__}: {err}") from err
     missing = [s for s in shards if not (checkpoint_dir / s).is_file()]
     if missing:
         raise CheckpointNotFoundError(f"{index} lists shards that are missing: {missing}")

@@ -23,6 +23,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from .errors import CheckpointError
+
 FLAX_FORMAT = "xcodec2-jax"
 FLAX_FORMAT_VERSION = "1"
 
@@ -66,10 +68,6 @@ TABLE: tuple[Rule, ...] = (
     Rule(r"^(.*)\.weight$", r"\1.kernel", _linear),
     Rule(r"^(.*)\.bias$", r"\1.bias"),
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names every offending key."""
 
 
 def flax_key(path: tuple) -> str:
