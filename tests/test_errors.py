@@ -60,13 +60,15 @@ def test_every_user_error_is_an_xcodec2_error_and_keeps_its_builtin_base():
         (lambda d: (d / "config.json").write_text("[]"), "expected a JSON object of config fields", ConfigError),
         (lambda d: (d / "config.json").write_text(json.dumps({"hidden_act": "tanhshrink"})),
          "hidden_act='tanhshrink' is not supported", ConfigError),
+        (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": "big"})),
+         "a config value has the wrong type", ConfigError),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"garbage!"),
          "unreadable safetensors file", CheckpointError),
         (lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors.index.json").write_text("{}")),
          "not a safetensors index", CheckpointError),
         (lambda d: (d / "config.json").unlink(), "has no config.json", CheckpointNotFoundError),
     ],
-    ids=["bad-json", "not-an-object", "unsupported-config", "corrupt-weights", "bad-index", "no-config"],
+    ids=["bad-json", "not-an-object", "unsupported-config", "wrong-type", "corrupt-weights", "bad-index", "no-config"],
 )
 def test_bad_checkpoints_are_user_errors(reference, wav, tmp_path, capsys, edit, expected, error):
     directory = _copy_checkpoint(reference, tmp_path)
@@ -80,6 +82,18 @@ def test_bad_preprocessor_config_is_a_config_error(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text('{"padding_side": "left"}')
     with pytest.raises(ConfigError, match="padding_side='left' is not supported"):
         Xcodec2FeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_extractor_and_model_refuse_a_bad_clip_with_the_same_audio_error(reference):
+    """One PCM / mix-down / NaN rule (audio.as_wave) behind the feature extractor and ``encode_audio``."""
+    for clip, message in ((np.array([0.0, np.nan] * 400, np.float32), "the audio has 400 NaN or Inf sample"),
+                          (np.zeros((800, 2), np.float32), r"has shape \(800, 2\), more channels than samples"),
+                          (np.array(["a"] * 800), "has dtype <U1; expected float or integer PCM")):
+        with pytest.raises(AudioError, match="audio item 0: " + message) as from_extractor:
+            Xcodec2FeatureExtractor()(clip, sampling_rate=16000)
+        with pytest.raises(AudioError, match="audio item 0: " + message) as from_model:
+            reference.model.encode_audio(clip)
+        assert str(from_extractor.value) == str(from_model.value)
 
 
 def test_code_validation_names_the_first_bad_code():

@@ -11,6 +11,7 @@ import torch
 from conftest import assert_audio_close, assert_nontrivial
 
 from convert.kaldi_reference import reference_feature_extractor
+from convert.metrics import snr_db
 
 LATENT_TOL = 1e-4
 
@@ -133,3 +134,13 @@ def test_encode_rejects_mismatched_shapes(reference, torch_features):
         reference.model.encode(features["input_values"][..., :-1], features["input_features"])
     with pytest.raises(ValueError, match="input_features must have shape"):
         reference.model.encode(features["input_values"], features["input_features"][:, :-1])
+
+
+def test_audio_bound_is_relative_too():
+    """Quiet audio that is wrong by half its amplitude passes an absolute 1e-3 bound but not the SNR bound."""
+    want = 2e-3 * np.sin(np.linspace(0, 200 * np.pi, 16000))
+    assert snr_db(want, want + 0.1 * want) == pytest.approx(20.0)
+    assert_audio_close(want + 1e-7 * np.cos(np.arange(16000)), want)
+    assert np.abs(1.5 * want - want).max() < 1e-3
+    with pytest.raises(AssertionError, match=r"SNR 6\.0 dB"):
+        assert_audio_close(1.5 * want, want)

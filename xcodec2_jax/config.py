@@ -195,7 +195,10 @@ class Xcodec2Config:
             raise ConfigError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except TypeError as err:  # a value of the wrong type ("hidden_size": "big") fails in the arithmetic
+            raise ConfigError(f"{path}: a config value has the wrong type ({err})") from err
 
     def to_dict(self) -> dict[str, Any]:
         """A Transformers-compatible ``config.json`` mapping (round-trips through :meth:`from_dict`)."""
