@@ -105,13 +105,17 @@ def test_code_validation_names_the_first_bad_code():
         check_codes(np.zeros(3, np.float32), "x.npy", None)
 
 
-def test_an_os_error_on_a_named_file_is_a_user_error(reference, wav, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("error", "expected"), [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/weights"), "/data/weights: Permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+], ids=["named-file", "disk-full"])
+def test_the_system_refusing_a_file_is_a_user_error(reference, wav, tmp_path, capsys, monkeypatch, error, expected):
     def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "weights"))
+        raise error
 
     monkeypatch.setattr(Xcodec2Model, "from_pretrained", refuse)
     code = _encode(wav, reference.checkpoint, tmp_path)
-    assert_one_line_error(code, capsys.readouterr().err, f"{tmp_path / 'weights'}: Permission denied")
+    assert_one_line_error(code, capsys.readouterr().err, expected)
 
 
 @pytest.mark.parametrize("bug", [ValueError("shapes (3,) and (4,) not aligned"), KeyError("layers.0"),

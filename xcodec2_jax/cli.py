@@ -22,6 +22,7 @@ Conventions:
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import math
 import os
@@ -59,6 +60,8 @@ NPY_MAGIC = b"\x93NUMPY"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Long messages (a CheckpointError lists every bad key) are cut so the error stays one readable line.
 MAX_MESSAGE_CHARS = 600
+# A write to an open file that fails for want of space names no file, and is no bug either.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CliError(Xcodec2Error):
@@ -385,16 +388,18 @@ def _enable_compile_cache() -> None:
 def user_error_message(err: BaseException) -> str | None:
     """The one-line report of a user error, or None when ``err`` is a bug.
 
-    User errors: :class:`Xcodec2Error` (the library's verdict on the inputs) and an ``OSError`` that the
-    operating system raised about a named file (``errno`` and ``filename`` set: permission denied, disk full,
-    a read-only directory). A bare ``ValueError``, ``KeyError``, ``OSError`` without a file, ... is a bug.
+    User errors: :class:`Xcodec2Error` (the library's verdict on the inputs), an ``OSError`` that the
+    operating system raised about a named file (``errno`` and ``filename`` set: permission denied, a read-only
+    directory) and a full disk. A bare ``ValueError``, ``KeyError``, ``OSError`` about no file, ... is a bug.
     """
-    if isinstance(err, OSError) and not isinstance(err, Xcodec2Error):
-        if err.errno is None or err.filename is None:
-            return None
-        files = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
-        return _one_line(f"{files}: {err.strerror or os.strerror(err.errno)}")
-    return _one_line(str(err) or type(err).__name__) if isinstance(err, Xcodec2Error) else None
+    if isinstance(err, Xcodec2Error):
+        return _one_line(str(err) or type(err).__name__)
+    if not isinstance(err, OSError) or err.errno is None:
+        return None
+    if err.filename is None:
+        return _one_line(err.strerror or os.strerror(err.errno)) if err.errno in _DISK_FULL else None
+    files = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
+    return _one_line(f"{files}: {err.strerror or os.strerror(err.errno)}")
 
 
 def _one_line(text: str) -> str:
