@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     clip = speech_clip(max(args.durations), seed=args.seed)
     calibration = torch_inputs(dict(reference_feature_extractor()(clip[: 6 * 16000], sampling_rate=16000)))
     torch_model = random_reference_model(TorchXcodec2Config(), args.seed, calibration)
-    checkpoint = Path(tempfile.mkdtemp(prefix="xcodec2-bench-"))
-    torch_model.save_pretrained(checkpoint)
-    model = Xcodec2Model.from_pretrained(checkpoint, dtype=jax_dtype)
+    with tempfile.TemporaryDirectory(prefix="xcodec2-bench-") as checkpoint:  # 2.5 GB: removed once loaded
+        torch_model.save_pretrained(checkpoint)
+        model = Xcodec2Model.from_pretrained(checkpoint, dtype=jax_dtype)
     torch_model = torch_model.to(torch_device, torch_dtype).eval()
     peak = args.peak_tflops or measured_peak_tflops(jax_dtype)
     print(f"device peak used for the FLOP/s fraction: {peak:.2f} TFLOP/s"

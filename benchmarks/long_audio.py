@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from convert.metrics import snr_db
 from convert.speech import speech_clip
 from convert.torch_reference import full_size_checkpoint
 
@@ -54,10 +56,6 @@ print(json.dumps({"codes": int(codes.size), "seconds": elapsed,
 """
 
 
-def snr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - estimate) ** 2)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=120.0, help="length of the long input")
@@ -87,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode windowed vs full context: SNR {snr_db(reference, audio):.1f} dB, "
               f"max abs err {np.abs(reference - audio).max():.3g}")
 
-    probe_audio = Path("/tmp/xcodec2_memory_probe.npy")
-    np.save(probe_audio, long[: int(args.memory_seconds * 16000)])
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(checkpoint), str(args.memory_seconds),
-                          str(probe_audio)], capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory(prefix="xcodec2-long-audio-") as tmp:
+        probe_audio = Path(tmp) / "memory_probe.npy"
+        np.save(probe_audio, long[: int(args.memory_seconds * 16000)])
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(checkpoint), str(args.memory_seconds),
+                              str(probe_audio)], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{args.memory_seconds:g} s in one window: peak RSS {result['peak_rss_gib']:.2f} GiB (whole process), "
           f"XLA temporaries {result['xla_temp_gib']:.2f} GiB, {result['seconds']:.1f} s incl. compile")

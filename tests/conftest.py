@@ -26,10 +26,15 @@ import torch  # noqa: E402
 from transformers import Xcodec2Config as TorchXcodec2Config  # noqa: E402
 from transformers import Xcodec2Model as TorchXcodec2Model  # noqa: E402
 
+from convert.metrics import max_err, snr_db  # noqa: E402
 from convert.original_reference import OriginalSizes, original_model, save_original_checkpoint  # noqa: E402
 from convert.speech import speech_clip  # noqa: E402
 from convert.torch_reference import random_reference_model, save_reference_checkpoint  # noqa: E402
 from xcodec2_jax import Xcodec2Model  # noqa: E402
+
+# Audio parity against Transformers: an absolute bound, and one relative to the signal, so that quiet audio
+# (the non-triviality check only asks for a peak above 1e-3) cannot pass on the absolute bound alone.
+AUDIO_TOL, MIN_SNR_DB = 1e-3, 60.0
 
 # Small enough to compile in seconds, yet every code path is there: 2 conformer layers, 2 decoder layers,
 # all 5 acoustic blocks, 8 FSQ levels of 4 (65536 codes).
@@ -112,3 +117,12 @@ def assert_nontrivial(codes: np.ndarray, audio: np.ndarray) -> None:
     codes = np.asarray(codes).ravel()
     assert len(np.unique(codes)) > 0.5 * codes.size, f"only {len(np.unique(codes))} distinct codes of {codes.size}"
     assert np.abs(audio).max() > 1e-3, "decoded audio is (almost) silent"
+
+
+def assert_audio_close(got, want) -> None:
+    """Our audio against Transformers': same shape, max abs error < ``AUDIO_TOL`` and SNR >= ``MIN_SNR_DB``."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"audio shapes differ: {got.shape} vs {want.shape}"
+    err, snr = max_err(got, want), snr_db(want, got)
+    assert err < AUDIO_TOL and snr >= MIN_SNR_DB, (
+        f"audio vs Transformers: max abs err {err:.2e} (bound {AUDIO_TOL}), SNR {snr:.1f} dB (bound {MIN_SNR_DB})")

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import assert_nontrivial
+from conftest import assert_audio_close, assert_nontrivial
 
 from convert.kaldi_reference import reference_feature_extractor
 from convert.speech import speech_clip
@@ -21,7 +21,6 @@ from xcodec2_jax.engine import EngineSettings, Window, plan_windows
 
 # One bucket of 8 s: the 4 clips below share one compilation.
 EIGHT_SECONDS = EngineSettings(batch_size=4, bucket_seconds=(8.0,), window_seconds=8.0)
-AUDIO_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def test_batch_of_four_lengths_equals_each_clip_alone(reference, four_clips):
         assert got_codes.dtype == np.int32 and got_codes.shape == want_codes.shape
         assert np.mean(got_codes == want_codes) >= 0.999
         assert got_audio.shape == want_audio.shape == (got_codes.size * 320,)
-        assert np.abs(got_audio - want_audio).max() < AUDIO_TOL
+        assert_audio_close(got_audio, want_audio)
         assert_nontrivial(got_codes, got_audio)
 
 

@@ -119,7 +119,7 @@ def test_channels_first_array_is_one_mono_clip(extractor, reference, batch):
     assert_matches_reference(ours, reference(mono, sampling_rate=SR, return_tensors="np"))
     single_channel = extractor(batch[0][None, :], sampling_rate=SR)
     np.testing.assert_array_equal(single_channel.input_features, extractor(batch[0], sampling_rate=SR).input_features)
-    with pytest.raises(ValueError, match=r"item 0 has shape \(21392, 2\).*transpose"):
+    with pytest.raises(ValueError, match=r"item 0: has shape \(21392, 2\), more channels than samples.*transpose"):
         extractor(stereo.T, sampling_rate=SR)
 
 
@@ -170,13 +170,14 @@ def test_resample_true(extractor):
 @pytest.mark.parametrize(
     ("audio", "message"),
     [
-        ([np.ones(800, np.float32), np.array([0.0, np.nan, 0.0], np.float32)], r"item 1 contains NaN or Inf.*sample 1"),
-        (np.array([0.1, np.inf] * 400, np.float32), r"item 0 contains NaN or Inf.*sample 1: inf"),
-        (np.zeros(0, np.float32), r"item 0 is empty"),
-        ([np.ones(800, np.float32), np.zeros((2, 0), np.float32)], r"item 1 is empty"),
-        (np.zeros((1, 2, 800), np.float32), r"item 0 has shape \(1, 2, 800\); expected \(samples,\)"),
-        (np.array(["a", "b"]), r"item 0 has dtype <U1; expected float or integer PCM"),
-        (np.ones(800, np.complex64), r"item 0 has dtype complex64"),
+        ([np.ones(800, np.float32), np.array([0.0, np.nan, 0.0], np.float32)],
+         r"item 1: the audio has 1 NaN or Inf.*first at sample 1: nan"),
+        (np.array([0.1, np.inf] * 400, np.float32), r"item 0: the audio has 400 NaN or Inf.*first at sample 1: inf"),
+        (np.zeros(0, np.float32), r"item 0: the audio is empty"),
+        ([np.ones(800, np.float32), np.zeros((2, 0), np.float32)], r"item 1: the audio is empty"),
+        (np.zeros((1, 2, 800), np.float32), r"item 0: has shape \(1, 2, 800\); expected \(samples,\)"),
+        (np.array(["a", "b"]), r"item 0: has dtype <U1; expected float or integer PCM"),
+        (np.ones(800, np.complex64), r"item 0: has dtype complex64"),
         ([], r"got list \(empty\)"),
         ("speech.wav", r"got str"),
     ],

@@ -12,6 +12,7 @@ import torch
 from conftest import assert_nontrivial
 
 from convert.kaldi_reference import reference_feature_extractor
+from convert.metrics import snr_db
 from convert.speech import speech_clip
 from convert.torch_reference import TorchXcodec2Model, full_size_checkpoint
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
@@ -31,8 +32,7 @@ def test_full_size_parity_with_transformers():
 
     codes, want_codes = got.audio_codes.ravel(), want.audio_codes.numpy().ravel()
     assert np.mean(codes == want_codes) >= 0.999
-    reference = want.audio_values.numpy().ravel().astype(np.float64)
-    snr = 10 * np.log10(np.sum(reference**2) / np.sum((reference - got.audio_values.ravel()) ** 2))
+    snr = snr_db(want.audio_values.numpy(), got.audio_values)
     assert snr >= 60, f"audio SNR vs Transformers {snr:.1f} dB"
     assert_nontrivial(codes, got.audio_values)
 

@@ -1,8 +1,10 @@
 """Read, write and resample audio files (soundfile + soxr) and check them before they reach the codec.
 
-Samples are float32 in [-1, 1]. A file is ``(samples, channels)`` as soundfile reads it; everything the codec
-sees is mono ``(samples,)``, made by averaging the channels. Every problem with a file raises ``AudioError``
-naming the file and the problem.
+Samples are float32 in [-1, 1]. A file is ``(samples, channels)`` as soundfile reads it; an in-memory clip is
+``(samples,)`` or ``(channels, samples)`` (Transformers' layout); everything the codec sees is mono
+``(samples,)``, made by averaging the channels. Every problem with a file or clip raises ``AudioError``
+naming it and the problem. These are the only PCM-scaling, mix-down and NaN/Inf rules of the package: the
+feature extractor and the model call them.
 """
 
 from __future__ import annotations
@@ -13,16 +15,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import AudioError
+
 # soxr's "HQ" preset (also librosa's default): deterministic, transparent for speech, faster than "VHQ".
 RESAMPLE_QUALITY = "HQ"
 # One codec frame (hop_length) at 16 kHz: anything shorter cannot be encoded into a single code.
 MIN_SAMPLES = 320
 # 6 s of synthetic English speech, 16 kHz mono, shipped with the package (see data/README.md).
 EXAMPLE_AUDIO = Path(__file__).parent / "data" / "speech.wav"
-
-
-class AudioError(ValueError):
-    """An audio file that cannot be used: missing, unreadable, empty, too short, or with NaN/Inf samples."""
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -49,10 +49,23 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return wave, sampling_rate
 
 
-def to_mono(wave: np.ndarray) -> np.ndarray:
-    """Average the channels of float ``(samples, channels)`` audio into float32 ``(samples,)``; 1-D passes through."""
+def to_mono(wave: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+    """Average the channels of float 2-D audio (``channel_axis`` 1: ``(samples, channels)`` as files are read;
+    0: ``(channels, samples)``) into float32 ``(samples,)``, in float32; 1-D audio passes through as float32."""
     wave = np.asarray(wave, dtype=np.float32)
-    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    return wave.mean(axis=channel_axis, dtype=np.float32) if wave.ndim == 2 else wave
+
+
+def pcm_to_float32(wave: np.ndarray, name: str) -> np.ndarray:
+    """Float samples cast to float32; integer PCM scaled into [-1, 1] the way soundfile reads it (int16 / 2**15,
+    int32 / 2**31, unsigned 8-bit as (x - 128) / 128). Any other dtype raises ``AudioError`` naming ``name``."""
+    if wave.dtype.kind == "f":
+        return wave.astype(np.float32, copy=False)
+    if wave.dtype.kind in "iu":
+        half_range = 2.0 ** (8 * wave.dtype.itemsize - 1)
+        offset = half_range if wave.dtype.kind == "u" else 0.0  # unsigned PCM (8-bit WAV) is centred at 128
+        return ((wave.astype(np.float64) - offset) / half_range).astype(np.float32)
+    raise AudioError(f"{name}: has dtype {wave.dtype}; expected float or integer PCM samples")
 
 
 def resample(wave: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int) -> np.ndarray:
@@ -92,23 +105,21 @@ def load_audio(path: str | Path, sampling_rate: int = 16000, min_samples: int = 
 def as_wave(wave, name: str, min_samples: int = MIN_SAMPLES) -> np.ndarray:
     """Check an in-memory clip and return it as float32 mono ``(samples,)``.
 
-    ``wave`` is ``(samples,)`` or ``(channels, samples)`` (averaged to mono), float or integer PCM (scaled
-    to [-1, 1] as soundfile does). ``name`` identifies the clip in the ``AudioError`` raised when it is
-    empty, shorter than ``min_samples``, not numeric, or has NaN/Inf samples.
+    ``wave`` is ``(samples,)`` or ``(channels, samples)`` (averaged to mono in float32), float (cast to
+    float32) or integer PCM (scaled to [-1, 1] as soundfile does). ``name`` identifies the clip in the
+    ``AudioError`` raised when it is not numeric, has another shape (or more channels than samples: a
+    transposed array), is empty or shorter than ``min_samples``, or has NaN/Inf samples.
     """
-    wave = np.asarray(wave)
-    if wave.dtype.kind in "iu":
-        half_range = 2.0 ** (8 * wave.dtype.itemsize - 1)
-        wave = (wave.astype(np.float64) - (half_range if wave.dtype.kind == "u" else 0.0)) / half_range
-    elif wave.dtype.kind != "f":
-        raise AudioError(f"{name}: expected float or integer PCM samples, got dtype {wave.dtype}")
-    if wave.ndim == 2:
-        wave = wave.mean(axis=0)
-    if wave.ndim != 1:
-        raise AudioError(f"{name}: expected (samples,) or (channels, samples) audio, got shape {wave.shape}")
-    wave = wave.astype(np.float32, copy=False)
+    wave = pcm_to_float32(np.asarray(wave), name)
+    if wave.ndim not in (1, 2):
+        raise AudioError(f"{name}: has shape {wave.shape}; expected (samples,) or (channels, samples)")
     if wave.size == 0:
-        raise AudioError(f"{name}: the audio is empty (0 samples)")
+        raise AudioError(f"{name}: the audio is empty (shape {wave.shape})")
+    if wave.ndim == 2:
+        if wave.shape[0] > wave.shape[1]:
+            raise AudioError(f"{name}: has shape {wave.shape}, more channels than samples; expected "
+                             "(channels, samples): transpose (samples, channels) arrays")
+        wave = to_mono(wave, channel_axis=0)
     if wave.size < min_samples:
         raise AudioError(f"{name}: the audio is too short: {wave.size} samples, need at least {min_samples} "
                          "(one codec frame)")
@@ -138,10 +149,13 @@ def save_audio(path: str | Path, wave: np.ndarray, sampling_rate: int = 16000, s
     return path
 
 
-def _check_finite(wave: np.ndarray, path: Path | str) -> None:
-    if not np.isfinite(wave).all():
-        count = int(np.size(wave) - np.count_nonzero(np.isfinite(wave)))
-        raise AudioError(f"{path}: the audio has {count} NaN or Inf sample(s)")
+def _check_finite(wave: np.ndarray, name: Path | str) -> None:
+    """Raise ``AudioError`` if float ``(samples,)`` or ``(samples, channels)`` audio has NaN/Inf samples."""
+    finite = np.isfinite(wave)
+    if not finite.all():
+        first = tuple(np.argwhere(~finite)[0])
+        raise AudioError(f"{name}: the audio has {finite.size - np.count_nonzero(finite)} NaN or Inf sample(s), "
+                         f"the first at sample {first[0]}: {wave[first]}")
 
 
 __all__ = [
@@ -151,6 +165,7 @@ __all__ = [
     "as_wave",
     "load_audio",
     "load_audio_with_info",
+    "pcm_to_float32",
     "read_audio",
     "resample",
     "save_audio",

@@ -19,15 +19,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from .errors import CheckpointError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _MAX_HEADER_BYTES = 100 * 2**20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names every offending key."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,28 +13,34 @@ Conventions:
 * Exit status: 0 success; 1 the inputs, checkpoint or file system got in the way (unreadable audio, bad
   codes, missing checkpoint, unwritable output); 2 a usage error (bad arguments, colliding outputs);
   130 interrupted. Such errors print one line, ``xcodec2-jax: error: <message>``, on stderr and no traceback;
-  ``--debug`` or ``XCODEC2_JAX_DEBUG=1`` re-raises them to show it. Anything else is a bug and tracebacks.
+  ``--debug`` or ``XCODEC2_JAX_DEBUG=1`` re-raises them to show it. A user error is an
+  :class:`~xcodec2_jax.errors.Xcodec2Error` (raised by the library for bad audio, codes, config or checkpoint
+  and an unreachable Hub) or an ``OSError`` the operating system raised about a named file (permission
+  denied, disk full). Anything else is a bug: its traceback is printed with a line asking to report it, and
+  the exit status is 70 (``EX_SOFTWARE``), so that it never reads like bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
-import json
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from . import __version__
-from .audio import AudioError, load_audio, save_audio
-from .config import ConfigError
+from .audio import load_audio, save_audio
+from .codes import check_codes
 from .engine import EngineSettings, enable_compilation_cache
+from .errors import Xcodec2Error
 from .features import Xcodec2FeatureExtractor
 from .hub import (
     CONFIG_NAME,
@@ -42,14 +48,13 @@ from .hub import (
     FLAX_WEIGHTS_NAME,
     PREPROCESSOR_CONFIG_NAME,
     TRANSFORMERS_WEIGHTS_NAME,
-    CheckpointNotFoundError,
     resolve_checkpoint_dir,
 )
 from .model import Xcodec2Model
-from .weights import CheckpointError
 
 PROG = "xcodec2-jax"
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
+ISSUES_URL = "https://github.com/xcodec2-jax/xcodec2-jax/issues"
 DEBUG_ENV = "XCODEC2_JAX_DEBUG"
 # X-Codec2's audio rate; audio files are resampled to it when read.
 SAMPLING_RATE = 16000
@@ -57,22 +62,16 @@ NPY_MAGIC = b"\x93NUMPY"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Long messages (a CheckpointError lists every bad key) are cut so the error stays one readable line.
 MAX_MESSAGE_CHARS = 600
+# A write to an open file that fails for want of space names no file, and is no bug either.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CliError(Exception):
+class CliError(Xcodec2Error):
     """A user error found by the command line itself; ``exit_code`` is 1 (runtime) or 2 (usage)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-# Errors caused by the user's inputs, checkpoint or file system: reported in one line, no traceback.
-# AudioError, ConfigError and CheckpointError are ValueErrors and CheckpointNotFoundError is an OSError; they
-# are listed for the reader. Plain ValueError covers input validation (codes, feature-extractor configs,
-# malformed JSON); OSError covers reading and writing files.
-USER_ERRORS = (CliError, AudioError, CheckpointNotFoundError, CheckpointError, ConfigError, SafetensorError,
-               ValueError, OSError)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -118,7 +117,8 @@ def make_output_dir(path: Path) -> None:
 
 
 def load_codes(path: str | Path) -> np.ndarray:
-    """Read a ``.npy`` of codes as written by ``encode``: a non-empty 1-D integer array (range checked later)."""
+    """Read a ``.npy`` of codes as written by ``encode``: a non-empty 1-D integer array (range checked once the
+    model's codebook size is known)."""
     path = Path(path)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
@@ -131,20 +131,10 @@ def load_codes(path: str | Path) -> np.ndarray:
             array = np.lib.format.read_array(f, allow_pickle=False)
         except (ValueError, EOFError) as err:  # truncated data, object arrays
             raise CliError(f"{path}: not a readable .npy file ({err})") from err
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise CliError(f"{path}: expected a 1-D integer array of codes (as `{PROG} encode` writes), "
-                       f"got dtype {array.dtype} and shape {array.shape}")
+    check_codes(array, str(path), codebook_size=None)
     if array.size == 0:
         raise CliError(f"{path}: holds no codes")
     return array
-
-
-def check_code_range(codes: np.ndarray, path: str | Path, codebook_size: int) -> None:
-    """Raise ``CliError`` naming the first code outside ``[0, codebook_size)``."""
-    bad = np.flatnonzero((codes < 0) | (codes >= codebook_size))
-    if bad.size:
-        raise CliError(f"{path}: codes must lie in [0, {codebook_size}); {bad.size} do not, the first at "
-                       f"index {bad[0]}: {codes[bad[0]]}")
 
 
 def _file_size(path: Path) -> str:
@@ -185,7 +175,7 @@ def run_decode(args: argparse.Namespace) -> int:
     make_output_dir(Path(args.output_dir))
     model = load_model(args)
     for path, item in zip(args.inputs, codes, strict=True):
-        check_code_range(item, path, model.config.codebook_size)
+        check_codes(item, str(path), model.config.codebook_size)
     audio = model.decode_codes(codes, progress=_show_progress(args, len(codes)), settings=engine_settings(args))
     rate = model.output_sampling_rate
     for source, target, item, wave in zip(args.inputs, outputs, codes, audio, strict=True):
@@ -335,7 +325,8 @@ examples:
 
 MAIN_EPILOG = f"""\
 Run `{PROG} COMMAND --help` for a command's options and examples. Exit status: 0 success, 1 bad input,
-checkpoint or file, 2 usage error. Errors print one line; --debug or {DEBUG_ENV}=1 shows the traceback.
+checkpoint or file, 2 usage error, 70 a bug in xcodec2-jax (printed with its traceback: please report it).
+Errors print one line; --debug or {DEBUG_ENV}=1 shows the traceback.
 """
 
 
@@ -425,14 +416,27 @@ def _enable_compile_cache() -> None:
         print(f"{PROG}: warning: compilation cache disabled ({err})", file=sys.stderr)
 
 
-def _one_line(err: BaseException) -> str:
-    """The error as one line: its first line, the rest joined with "; ", cut to ``MAX_MESSAGE_CHARS``."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line report of a user error, or None when ``err`` is a bug.
+
+    User errors: :class:`Xcodec2Error` (the library's verdict on the inputs), an ``OSError`` that the
+    operating system raised about a named file (``errno`` and ``filename`` set: permission denied, a read-only
+    directory) and a full disk. A bare ``ValueError``, ``KeyError``, ``OSError`` about no file, ... is a bug.
+    """
+    if isinstance(err, Xcodec2Error):
+        return _one_line(str(err) or type(err).__name__)
+    if not isinstance(err, OSError) or err.errno is None:
+        return None
+    if err.filename is None:
+        return _one_line(err.strerror or os.strerror(err.errno)) if err.errno in _DISK_FULL else None
+    files = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
+    return _one_line(f"{files}: {err.strerror or os.strerror(err.errno)}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line: its first line, the rest joined with "; ", cut to ``MAX_MESSAGE_CHARS``."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
-    if isinstance(err, json.JSONDecodeError):  # its message alone does not say what was being parsed
-        message = f"invalid JSON in a checkpoint or config file: {message}"
-    elif isinstance(err, SafetensorError):
-        message = f"unreadable safetensors weights: {message}"
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + "... (--debug shows the full message)"
     return message
@@ -451,10 +455,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except USER_ERRORS as err:
+    except Exception as err:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        message = user_error_message(err)
+        if message is None:
+            traceback.print_exc()
+            print(f"{PROG}: internal error: the {type(err).__name__} above is a bug in xcodec2-jax, not a problem "
+                  f"with your input. Please report it at {ISSUES_URL} with the command you ran and this traceback.",
+                  file=sys.stderr)
+            return EXIT_BUG
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return err.exit_code if isinstance(err, CliError) else EXIT_ERROR
 
 

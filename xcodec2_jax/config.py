@@ -21,16 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
 MODEL_TYPES = ("xcodec2", "neucodec")
 # "transformers": keep the codes Transformers' ``audio_codes_mask`` marks valid, ``(T + 1) // hop`` (NeuCodec:
 # its single-clip ``T // hop``); "original": keep every code of the padded clip, ``T // hop + 1``, as the
 # ``xcodec2`` 0.1.5 package's ``encode_code`` returns them.
 CODE_COUNT_RULES = ("transformers", "original")
-
-
-class ConfigError(ValueError):
-    """A configuration value this port cannot honour."""
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -286,7 +284,10 @@ class Xcodec2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Xcodec2Config:
-        return cls.from_dict(read_config_file(path))
+        try:
+            return cls.from_dict(read_config_file(path))
+        except TypeError as err:  # a value of the wrong type ("hidden_size": "big") fails in the arithmetic
+            raise ConfigError(f"{path}: a config value has the wrong type ({err})") from err
 
     def to_dict(self) -> dict[str, Any]:
         """A Transformers-compatible ``config.json`` mapping (round-trips through :meth:`from_dict`).

@@ -32,6 +32,7 @@ import numpy as np
 import soundfile as sf
 
 from .audio import AudioError, as_wave, load_audio_with_info, resample
+from .errors import Xcodec2Error
 
 # File extensions of the containers libsndfile reads (it sniffs the real format from the header on reading).
 _EXTENSIONS_BY_FORMAT = {
@@ -56,7 +57,7 @@ _DATASET_MARKERS = ("state.json", "dataset_dict.json")
 _HUB_NAME = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
 
 
-class CorpusError(ValueError):
+class CorpusError(Xcodec2Error, ValueError):
     """The corpus cannot be listed: a missing input, a malformed manifest, duplicate ids, no ``datasets``."""
 
 

@@ -26,8 +26,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from xcodec2_jax.audio import as_wave
 from xcodec2_jax.audio import resample as resample_audio
 from xcodec2_jax.config import Xcodec2Config
+from xcodec2_jax.errors import AudioError, ConfigError
 from xcodec2_jax.hub import PREPROCESSOR_CONFIG_NAME, resolve_checkpoint_dir
 
 # Kaldi floors energies at std::numeric_limits<float>::epsilon() before the log.
@@ -123,9 +125,11 @@ class Xcodec2FeatureExtractor:
         try:
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+            raise ConfigError(f"{config_file}: not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            raise ConfigError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         if config.get("padding_side", "right") != "right":
-            raise ValueError(f"{config_file}: padding_side={config['padding_side']!r} is not supported, only 'right'")
+            raise ConfigError(f"{config_file}: padding_side={config['padding_side']!r} is not supported, only 'right'")
         names = ("feature_size", "sampling_rate", "padding_value", "hop_length")
         center = config.get("feature_extractor_type") != NEUCODEC_EXTRACTOR
         return cls(**{name: config[name] for name in names if name in config}, center=center)
@@ -372,40 +376,15 @@ def _make_list_of_audio(audio: Any) -> list[Any]:
 
 
 def _to_mono_float32(clip: Any, index: int) -> np.ndarray:
-    """Validate one clip and return it as float32 (samples,); ``(channels, samples)`` is averaged to mono."""
+    """Validate one clip and return it as float32 (samples,): a list is read as float samples, an array as
+    :func:`~xcodec2_jax.audio.as_wave` reads it (PCM scaled, ``(channels, samples)`` averaged, NaN/Inf refused)."""
+    name = f"audio item {index}"
     if isinstance(clip, (list, tuple)):
         try:
-            wave = np.asarray(clip, dtype=np.float32)
+            clip = np.asarray(clip, dtype=np.float32)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"audio item {index}: cannot read the list as float samples ({err})") from None
-    else:
-        wave = _pcm_to_float32(np.asarray(clip), index)
-    if wave.ndim not in (1, 2):
-        raise ValueError(f"audio item {index} has shape {wave.shape}; expected (samples,) or (channels, samples)")
-    if wave.size == 0:
-        raise ValueError(f"audio item {index} is empty (shape {wave.shape})")
-    if wave.ndim == 2:
-        if wave.shape[0] > wave.shape[1]:
-            raise ValueError(
-                f"audio item {index} has shape {wave.shape}: more channels than samples. Expected "
-                "(channels, samples); transpose (samples, channels) arrays"
-            )
-        wave = wave.mean(axis=0, dtype=np.float32)
-    if not np.isfinite(wave).all():
-        bad = int(np.flatnonzero(~np.isfinite(wave))[0])
-        raise ValueError(f"audio item {index} contains NaN or Inf samples (first at sample {bad}: {wave[bad]})")
-    return wave
-
-
-def _pcm_to_float32(wave: np.ndarray, index: int) -> np.ndarray:
-    """Float arrays cast to float32; integer PCM scaled into [-1, 1] the way soundfile reads it."""
-    if wave.dtype.kind == "f":
-        return wave.astype(np.float32, copy=False)
-    if wave.dtype.kind in "iu":
-        half_range = 2.0 ** (8 * wave.dtype.itemsize - 1)
-        offset = half_range if wave.dtype.kind == "u" else 0.0  # unsigned PCM (8-bit WAV) is centred at 128
-        return ((wave.astype(np.float64) - offset) / half_range).astype(np.float32)
-    raise ValueError(f"audio item {index} has dtype {wave.dtype}; expected float or integer PCM samples")
+            raise AudioError(f"{name}: cannot read the list as float samples ({err})") from None
+    return as_wave(clip, name, min_samples=1)
 
 
 __all__ = ["BatchFeature", "Xcodec2FeatureExtractor"]

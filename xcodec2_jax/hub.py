@@ -12,6 +12,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from .errors import CheckpointError, CheckpointNotFoundError
+
 DEFAULT_REPO_ID = "HKUSTAudio/xcodec2-hf"
 CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -27,10 +29,6 @@ TO_SAFETENSORS = (
     "then `safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')` next to "
     "the config.json"
 )
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No usable checkpoint at the given path or repo id."""
 
 
 def resolve_checkpoint_dir(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
@@ -78,7 +76,11 @@ def find_weights(checkpoint_dir: Path) -> tuple[str, list[Path]]:
             f"{checkpoint_dir} holds none of {FLAX_WEIGHTS_NAME}, {TRANSFORMERS_WEIGHTS_NAME}, "
             f"{TRANSFORMERS_WEIGHTS_INDEX_NAME}{hint}"
         )
-    shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, no weight_map, not a mapping
+        raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): "
+                              f"{type(err).__name__}: {err}") from err
     missing = [s for s in shards if not (checkpoint_dir / s).is_file()]
     if missing:
         raise CheckpointNotFoundError(f"{index} lists shards that are missing: {missing}")

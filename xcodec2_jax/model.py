@@ -26,8 +26,10 @@ from safetensors.numpy import save_file
 
 from . import engine
 from .audio import as_wave, load_audio, resample
-from .config import ConfigError, Xcodec2Config
+from .codes import check_codes
+from .config import Xcodec2Config
 from .engine import Engine, EngineSettings
+from .errors import ConfigError
 from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, resolve_checkpoint_dir
 from .nn.codec import Xcodec2Codec
 from .nn.layers import Numerics
@@ -38,8 +40,8 @@ SAVE_FORMATS = ("flax", "transformers")
 
 @dataclasses.dataclass
 class Xcodec2EncoderOutput:
-    """``audio_codes`` (B, 1, F) int32; ``audio_codes_mask`` (B, F) int32 (as Transformers returns it,
-    whatever its docstring says) or None; ``latents`` (B, D, F) float32 when asked for."""
+    """``audio_codes`` (B, 1, F) int32; ``audio_codes_mask`` int32 (B, F), or (B, 1, F) for a (B, 1, T)
+    ``padding_mask`` (as Transformers returns it), or None; ``latents`` (B, D, F) float32 when asked for."""
 
     audio_codes: np.ndarray
     audio_codes_mask: np.ndarray | None = None
@@ -68,6 +70,19 @@ def _as_batch(name: str, array, ndim: int) -> jax.Array:
     if array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(array.shape)}")
     return array
+
+
+def _sample_mask(padding_mask, batch: int, total: int) -> jax.Array | None:
+    """``padding_mask`` (B, T) or (B, 1, T) (the shape Transformers documents) -> (B, T); None stays None."""
+    if padding_mask is None:
+        return None
+    mask = jnp.asarray(padding_mask)
+    if mask.ndim == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.shape != (batch, total):
+        raise ValueError(f"padding_mask must be ({batch}, {total}) or ({batch}, 1, {total}) for input_values "
+                         f"({batch}, 1, {total}); got shape {tuple(np.shape(padding_mask))}")
+    return mask
 
 
 def _latents_out(latents: jax.Array) -> np.ndarray:
@@ -199,6 +214,8 @@ class Xcodec2Model:
         if features.shape != want:
             raise ValueError(f"input_features must have shape {want} for input_values {waveform.shape}; "
                              f"got {features.shape}")
+        mask_has_channel_axis = np.ndim(padding_mask) == 3
+        padding_mask = _sample_mask(padding_mask, b, total)
         lengths = self._lengths(padding_mask, total)
         feature_mask = None
         if input_features_mask is not None:
@@ -215,6 +232,8 @@ class Xcodec2Model:
             samples = np.asarray(padding_mask).astype(np.int64).reshape(b, -1).sum(-1) - 1
             valid = self.config.num_codes(samples)
             codes_mask = (np.arange(codes.shape[1])[None, :] < valid[:, None]).astype(np.int32)
+            if mask_has_channel_axis:  # Transformers' codes mask keeps the (B, 1, ...) layout of padding_mask
+                codes_mask = codes_mask[:, None, :]
         return codes, latents, codes_mask, lengths
 
     def _decode(self, latents: jax.Array, frame_lengths: jax.Array | None) -> jax.Array:
@@ -232,8 +251,8 @@ class Xcodec2Model:
         Args:
             input_values: (B, 1, T) float waveform, T a multiple of the hop length (320).
             input_features: (B, T / 320, 160) stacked log-mel features.
-            padding_mask: (B, T) 1 for real samples. When given, each item is encoded exactly as if it
-                were alone, and ``audio_codes_mask`` marks its valid codes (as Transformers).
+            padding_mask: (B, T) or (B, 1, T), 1 for real samples. When given, each item is encoded exactly as
+                if it were alone, and ``audio_codes_mask`` marks its valid codes (as Transformers).
             input_features_mask: (B, T / 320) valid feature frames; defaults to the frames implied by
                 ``padding_mask``.
             output_latents: also return the quantized latents (B, 2048, F).
@@ -255,13 +274,10 @@ class Xcodec2Model:
         if audio_codes is None and latents is None:
             raise ValueError("Either `audio_codes` or `latents` must be provided.")
         if audio_codes is not None:
-            codes = _as_batch("audio_codes", audio_codes, 3)
-            if codes.shape[1] != 1 or not jnp.issubdtype(codes.dtype, jnp.integer):
-                raise ValueError(f"audio_codes must be integer (B, 1, F); got {codes.dtype} {codes.shape}")
-            if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size):
-                raise ValueError(f"audio_codes must lie in [0, {self.config.codebook_size}); "
-                                 f"got values in [{int(codes.min())}, {int(codes.max())}]")
-            hidden = engine.codes_to_latents(self.graphdef, self.state, codes[:, 0].astype(jnp.int32))
+            codes = check_codes(audio_codes, "audio_codes", self.config.codebook_size, ndim=3)
+            if codes.shape[1] != 1:
+                raise ValueError(f"audio_codes must be (B, 1, F); got shape {codes.shape}")
+            hidden = engine.codes_to_latents(self.graphdef, self.state, jnp.asarray(codes[:, 0]))
         else:
             hidden = _as_batch("latents", latents, 3).transpose(0, 2, 1)
             if hidden.shape[-1] != self.config.quantization_dim:
@@ -332,20 +348,11 @@ class Xcodec2Model:
         """1-D integer code arrays -> float32 waveforms at :attr:`output_sampling_rate`, of
         ``len(codes) * config.output_hop_length`` samples each (320 at 16 kHz)."""
         items = codes if isinstance(codes, (list, tuple)) else [codes]
-        checked = [self._check_codes(c, index) for index, c in enumerate(items)]
+        size = self.config.codebook_size
+        checked = [check_codes(c, f"codes item {index}", size) for index, c in enumerate(items)]
         nonempty = [i for i, c in enumerate(checked) if c.size]
         audio = self.engine(settings).decode([checked[i] for i in nonempty], progress=progress)
         out = [np.zeros(0, np.float32) for _ in checked]
         for i, wave in zip(nonempty, audio, strict=True):
             out[i] = wave
         return out
-
-    def _check_codes(self, codes, index: int) -> np.ndarray:
-        array = np.asarray(codes)
-        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"codes item {index}: expected a 1-D integer array, got {array.dtype} {array.shape}")
-        size = self.config.codebook_size
-        if array.size and (array.min() < 0 or array.max() >= size):
-            raise ValueError(f"codes item {index}: values must lie in [0, {size}); "
-                             f"got values in [{array.min()}, {array.max()}]")
-        return array.astype(np.int32)

@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint_files import CheckpointError, SafetensorsFiles
-from .config import ConfigError, SemanticConfig, Xcodec2Config
+from .checkpoint_files import SafetensorsFiles
+from .config import SemanticConfig, Xcodec2Config
+from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -70,6 +70,7 @@ from . import __version__
 from .audio import AudioError, save_audio
 from .corpus import CorpusError, CorpusItem, list_corpus, partition
 from .engine import EngineSettings, enable_compilation_cache
+from .errors import Xcodec2Error
 from .hub import DEFAULT_REPO_ID, find_weights, resolve_checkpoint_dir
 from .model import Xcodec2Model
 
@@ -92,7 +93,7 @@ SHARD_SCHEMA = pa.schema([
 _SHARD_NAME = re.compile(r"codes-(\d{5})-(\d{5})\.parquet")
 
 
-class TokenizeError(ValueError):
+class TokenizeError(Xcodec2Error, ValueError):
     """The job cannot run as asked: an incompatible output directory, bad process settings, unsafe ids."""
 
 

@@ -29,9 +29,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from .checkpoint_files import CheckpointError, SafetensorsFiles
-from .config import ConfigError, Xcodec2Config, read_config_file
-from .hub import CONFIG_NAME, CheckpointNotFoundError, find_weights
+from .checkpoint_files import SafetensorsFiles
+from .config import Xcodec2Config, read_config_file
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .hub import CONFIG_NAME, find_weights
 from .original_layout import OriginalLayoutSource, config_from_original, is_original_layout
 
 FLAX_FORMAT = "xcodec2-jax"
