@@ -63,7 +63,7 @@ def test_every_user_error_is_an_xcodec2_error_and_keeps_its_builtin_base():
         (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": "big"})),
          "a config value has the wrong type", ConfigError),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"garbage!"),
-         "unreadable safetensors file", CheckpointError),
+         "not a safetensors file", CheckpointError),
         (lambda d: ((d / "model.safetensors").unlink(), (d / "model.safetensors.index.json").write_text("{}")),
          "not a safetensors index", CheckpointError),
         (lambda d: (d / "config.json").unlink(), "has no config.json", CheckpointNotFoundError),

@@ -39,7 +39,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
     return raw
 
 
@@ -255,6 +255,13 @@ class Xcodec2Config:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Xcodec2Config:
         """Build from a Transformers ``Xcodec2Config`` / ``NeuCodecConfig.to_dict()``-style mapping."""
+        try:
+            return cls._from_dict(raw)
+        except TypeError as err:  # a value of the wrong type ("hidden_size": "big") fails in the arithmetic
+            raise ConfigError(f"a config value has the wrong type ({err})") from err
+
+    @classmethod
+    def _from_dict(cls, raw: Mapping[str, Any]) -> Xcodec2Config:
         model_type = raw.get("model_type", "xcodec2")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type={model_type!r}; expected one of {MODEL_TYPES}")
@@ -284,10 +291,7 @@ class Xcodec2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Xcodec2Config:
-        try:
-            return cls.from_dict(read_config_file(path))
-        except TypeError as err:  # a value of the wrong type ("hidden_size": "big") fails in the arithmetic
-            raise ConfigError(f"{path}: a config value has the wrong type ({err})") from err
+        return cls.from_dict(read_config_file(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A Transformers-compatible ``config.json`` mapping (round-trips through :meth:`from_dict`).

@@ -63,6 +63,8 @@ def find_weights(checkpoint_dir: Path) -> tuple[str, list[Path]]:
 
     Transformers checkpoints are a single ``model.safetensors`` or shards listed in an index file.
     """
+    if not checkpoint_dir.is_dir():
+        raise CheckpointNotFoundError(f"{checkpoint_dir}: no such checkpoint directory")
     if (checkpoint_dir / FLAX_WEIGHTS_NAME).is_file():
         return "flax", [checkpoint_dir / FLAX_WEIGHTS_NAME]
     if (checkpoint_dir / TRANSFORMERS_WEIGHTS_NAME).is_file():
