@@ -8,6 +8,8 @@ item's end, GroupNorm statistics and attention keys cover only its own frames, a
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,15 @@ def rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+class KeyValues(NamedTuple):
+    """Keys (after RoPE) and values (B, M, heads, head_dim) of M frames outside a layer's input, and which
+    of them to attend to (B, M) bool. Streaming decode keeps earlier frames' keys and values this way."""
+
+    keys: Array
+    values: Array
+    mask: Array
+
+
 class Attention(nnx.Module):
     """Bidirectional multi-head attention with X-Codec2's RoPE.
 
@@ -74,14 +85,22 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.numerics = numerics
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        """x (B, F, C), mask (B, F, 1) or None -> (B, F, C)."""
+    def __call__(self, x: Array, mask: Array | None, memory: KeyValues | None = None) -> tuple[Array, KeyValues]:
+        """x (B, F, C), mask (B, F, 1) or None -> (B, F, C), and x's own keys and values.
+
+        ``memory``: keys and values of other frames to attend to as well. The scores carry no position (see
+        above), so frames decoded earlier can be attended to from their cached keys and values.
+        """
         b, f, _ = x.shape
         split = lambda h: h.reshape(b, f, self.heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         cos, sin = (jnp.asarray(t, q.dtype) for t in rope_tables(self.heads, self.head_dim, self.rope_theta))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        own = KeyValues(k, v, jnp.ones((b, f), bool) if mask is None else mask[..., 0] > 0)
+        if memory is not None:
+            k, v = (jnp.concatenate([m.astype(a.dtype), a], axis=1) for m, a in ((memory.keys, k), (memory.values, v)))
+            mask = jnp.concatenate([memory.mask, own.mask], axis=1)[..., None]
         precision = self.numerics.precision
         scores = jnp.einsum("blhd,brhd->bhlr", q, k, precision=precision) * self.head_dim**-0.5
         scores = scores.astype(jnp.float32)
@@ -89,7 +108,7 @@ class Attention(nnx.Module):
             scores = jnp.where(mask[:, None, None, :, 0] > 0, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhlr,brhd->blhd", weights, v, precision=precision)
-        return self.o_proj(out.reshape(b, f, -1))
+        return self.o_proj(out.reshape(b, f, -1)), own
 
 
 class MLP(nnx.Module):
@@ -115,9 +134,11 @@ class TransformerLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: Array, mask: Array | None, memory: KeyValues | None = None) -> tuple[Array, KeyValues]:
+        """(B, F, C) -> (B, F, C) and the attention's own keys and values (see :class:`Attention`)."""
+        h, own = self.self_attn(self.input_layernorm(x), mask, memory)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), own
 
 
 def overlap_add(frames: Array, hop: int) -> Array:
@@ -170,6 +191,12 @@ class VocosDecoder(nnx.Module):
 
     def __call__(self, latents: Array, frame_lengths: Array | None = None) -> Array:
         """``frame_lengths`` (B,) valid frames per item, or None when all frames are valid."""
+        return self.decode_with_memory(latents, frame_lengths)[0]
+
+    def decode_with_memory(self, latents: Array, frame_lengths: Array | None = None,
+                           memory: Sequence[KeyValues] | None = None) -> tuple[Array, list[KeyValues]]:
+        """As ``__call__``, each transformer layer also attending to ``memory[layer]`` (streaming: earlier
+        frames' keys and values); returns the waveform and every layer's keys and values of these frames."""
         mask = None
         if frame_lengths is not None:
             frames = jnp.arange(latents.shape[1])
@@ -177,8 +204,10 @@ class VocosDecoder(nnx.Module):
         x = self.embed(self.fc(latents), mask)
         for block in self.prior_net:
             x = block(x, mask)
-        for layer in self.layers:
-            x = layer(x, mask)
+        keys_values = []
+        for index, layer in enumerate(self.layers):
+            x, own = layer(x, mask, None if memory is None else memory[index])
+            keys_values.append(own)
         for block in self.post_net:
             x = block(x, mask)
-        return self.head(self.norm(x), mask)
+        return self.head(self.norm(x), mask), keys_values
