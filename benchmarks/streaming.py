@@ -71,12 +71,15 @@ class _Recorder:
         self.inputs.append(x)
         return self.module(x, *args)
 
+    def __getattr__(self, name: str):  # GroupNorm.moments
+        return getattr(self.module, name)
+
 
 class _Oracle:
     """Runs the module on [window; full-decode input] with only the full part unmasked, keeps the window rows.
 
     For GroupNorm the mask selects the frames its statistics come from; for attention it selects the keys
-    and values (the stream's memory is not needed then). Either way the window's frames are normalised /
+    and values (the stream's memory is ignored then). Either way the window's frames are normalised /
     attend exactly as in the full decode's context, through the module's own code.
     """
 
@@ -88,6 +91,9 @@ class _Oracle:
         full = jnp.broadcast_to(self.full.astype(x.dtype), (b, *self.full.shape[1:]))
         select = jnp.concatenate([jnp.zeros((b, w, 1), bool), jnp.ones((b, full.shape[1], 1), bool)], axis=1)
         return jax.tree.map(lambda a: a[:, :w], self.module(jnp.concatenate([x, full], axis=1), select))
+
+    def __getattr__(self, name: str):  # GroupNorm.moments
+        return getattr(self.module, name)
 
 
 def _sites(codec) -> dict[str, list[tuple[object, str]]]:

@@ -10,15 +10,18 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
 from conftest import assert_nontrivial
+from flax import nnx
 
 from convert.check_parity import snr_db
 from convert.speech import speech_clip
 from xcodec2_jax import cli
 from xcodec2_jax.engine import EngineSettings
+from xcodec2_jax.nn.decoder import KeyValues
 from xcodec2_jax.streaming import DEFAULT_SETTINGS, BatchedStreamingDecoder, StreamingDecoder, num_compilations
 
 # The engine tests' 8 s bucket (tests/test_engine.py): encoding and the full decode share its compilations.
@@ -61,8 +64,8 @@ def test_default_stream_any_push_sizes(reference, speech_codes, default_decoder)
     assert_nontrivial(speech_codes, one_by_one)
     snr = snr_db(full, one_by_one)
     assert snr >= 10.0, f"streamed vs full decode: {snr:.1f} dB"
-    # A stream no longer than one chunk plus its lookahead is decoded in one window: the full decode itself.
-    short = speech_codes[: DEFAULT_SETTINGS.chunk_frames + DEFAULT_SETTINGS.lookahead_frames]
+    # A stream shorter than a chunk plus its lookahead is decoded by flush() in one window: the full decode.
+    short = speech_codes[: DEFAULT_SETTINGS.chunk_frames + DEFAULT_SETTINGS.lookahead_frames - 1]
     streamed = np.concatenate(_random_pushes(default_decoder, short, rng, 5))
     np.testing.assert_allclose(streamed, reference.model.decode_codes(short, settings=EIGHT_SECONDS)[0], atol=1e-5)
 
@@ -141,6 +144,7 @@ def test_batched_joins_and_leaves_equal_each_stream_alone(reference, speech_code
 SHARDED = """
 import json, sys
 import jax
+import jax.numpy as jnp
 import numpy as np
 from xcodec2_jax import Xcodec2Model
 from xcodec2_jax.streaming import BatchedStreamingDecoder, StreamingDecoder
@@ -187,3 +191,23 @@ def test_cli_decode_stream(reference, speech_codes, tmp_path, capsys):
     want = np.concatenate([decoder.push(codes), decoder.flush()])
     assert rate == reference.model.config.sampling_rate and wave.shape == want.shape
     assert np.abs(wave - np.clip(want, -1, 1)).max() <= 1.01 / 32768  # 16-bit PCM rounding
+
+
+def test_memory_pools_like_one_sequence(reference):
+    """The decoder's memory hook: GroupNorm statistics and attention over [memory frames; x] equal those of
+    the concatenated sequence (memory entries masked out are ignored)."""
+    decoder = nnx.merge(reference.model.graphdef, reference.model.state).acoustic_decoder
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (2, 30, reference.model.config.hidden_size)), jnp.float32)
+    garbage = jnp.asarray(rng.normal(0.0, 5.0, x[:, :7].shape), jnp.float32)
+    before, after = jnp.concatenate([x[:, :18], garbage], axis=1), x[:, 18:]
+    keep = jnp.broadcast_to(jnp.arange(25) < 18, (2, 25))
+
+    norm = decoder.prior_net[0].norm1
+    moments = jnp.where(keep[..., None, None], norm.moments(before), 0.0)
+    np.testing.assert_allclose(norm(after, None, moments), norm(x)[:, 18:], atol=2e-5)
+
+    attention = decoder.layers[0].self_attn
+    _, own = attention(before, None)
+    pooled, _ = attention(after, None, KeyValues(own.keys, own.values, keep))
+    np.testing.assert_allclose(pooled, attention(x, None)[0][:, 18:], atol=2e-5)

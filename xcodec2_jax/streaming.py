@@ -14,15 +14,18 @@ How it works
   everything returned is final. Windows are placed by the number of frames emitted so far, not by how the
   codes were pushed: the streamed audio is the same for any split of the codes into pushes, and its length
   is exactly ``len(codes) * hop``.
-* **Receptive field.** The Vocos decoder mixes neighbouring frames locally through the k=7 embed conv
-  (+-3 frames), four ResNet blocks of two k=3 convs (+-4 before and +-4 after the transformer) and the ISTFT
-  (n_fft = 4 hops, "same" padding: the samples of frame j come from the frames j-2 .. j+2): +-13 frames in
-  all. Two parts see the whole window: the GroupNorm statistics of the four ResNet blocks, and the
-  bidirectional attention, whose RoPE runs over heads, so its scores carry no position at all: each frame
-  pools the window by content alone. Streaming is therefore exact for the local part once C, L and A
-  cover it, and the window-wide parts converge as the window holds a representative stretch of speech.
-  ``benchmarks/streaming.py`` measures both effects separately; the defaults and the numbers behind them
-  are in ``benchmarks/RESULTS.md``.
+* **Receptive field, and a memory for the rest.** The Vocos decoder mixes neighbouring frames locally
+  through the k=7 embed conv (+-3 frames), four ResNet blocks of two k=3 convs (+-4 before and +-4 after the
+  transformer) and the ISTFT (n_fft = 4 hops, "same" padding: the samples of frame j come from frames
+  j-2 .. j+2): +-13 frames in all, hence the defaults L = A = 13. Two parts see the whole sequence: the
+  GroupNorm statistics of the four ResNet blocks, and the bidirectional attention, whose RoPE runs over
+  heads, so its scores carry no position at all: each frame pools the sequence by content alone. Neither
+  depends on where the other frames are, so each stream keeps a **memory** of its last M
+  (``memory_frames``) emitted frames: their attention keys and values in every layer and the moments of
+  every GroupNorm input, as computed in their own windows. Every step attends to and pools statistics
+  over the memory frames before its window plus the window itself. What remains approximate is the future
+  beyond the lookahead (and frames older than M) for those two window-wide parts.
+  ``benchmarks/streaming.py`` measures each part's share; the numbers are in ``benchmarks/RESULTS.md``.
 * **Many streams.** :class:`BatchedStreamingDecoder` steps up to ``slots`` streams in one device call,
   sharded over a mesh of devices like the engine's (axis ``DATA_AXIS``): each stream is one batch row with
   its own valid length, so rows do not influence each other, and free or waiting slots are dummy rows whose
@@ -46,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .engine import DATA_AXIS
 from .nn.codec import Xcodec2Codec
-from .nn.decoder import KeyValues
+from .nn.decoder import FrameMemory
 from .nn.layers import Array
 
 if TYPE_CHECKING:
@@ -62,10 +65,10 @@ class StreamingSettings:
     plus one step. Defaults: see ``benchmarks/RESULTS.md`` ("Streaming decode").
     """
 
-    chunk_frames: int = 25
-    left_context_frames: int = 50
+    chunk_frames: int = 25  # 0.5 s at 50 codes/s; a step decodes (13 + 25 + 13) / 25 ~ 2x the frames it emits
+    left_context_frames: int = 13  # the local receptive field, see the module docstring
     lookahead_frames: int = 13
-    memory_frames: int = 1500
+    memory_frames: int = 1500  # 30 s, the engine's window for long audio
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:
@@ -89,24 +92,24 @@ DEFAULT_SETTINGS = StreamingSettings()
 
 # ------------------------------------------------------------------------------------------ device step
 class Memory(NamedTuple):
-    """Per stream (batch row), the attention keys and values of up to M earlier frames, in a ring buffer.
-
-    keys, values: one (B, M, heads, head_dim) array per transformer layer; frames (B, M) int32: the stream's
-    frame index held in each entry, -1 for none. Order does not matter: the scores carry no position.
-    """
+    """Per stream (batch row), what the decoder keeps of up to M earlier frames, in a ring buffer: the
+    fields of :class:`~xcodec2_jax.nn.decoder.FrameMemory` with (B, M, ...) arrays, and frames (B, M) int32,
+    the stream's frame index held in each entry (-1: none). Order does not matter to attention or
+    GroupNorm statistics, so a ring buffer serves."""
 
     keys: list[Array]
     values: list[Array]
+    moments: list[Array]
     frames: Array
 
 
 def decode_windows(codec: Xcodec2Codec, settings: StreamingSettings, memory: Memory | None, codes: Array,
                    lengths: Array, starts: Array, emitted: Array, counts: Array) -> tuple[Array, Memory | None]:
     """One step for B streams: decode each row's window, keep the audio of the frames it emits, and
-    remember their keys and values.
+    remember what the decoder needs of them.
 
     Args:
-        memory: the streams' attention memory (None when ``settings.memory_frames`` is 0).
+        memory: the streams' memory (None when ``settings.memory_frames`` is 0).
         codes: (B, W) int32 windows, of which the first ``lengths`` (B,) frames are valid.
         starts: (B,) int32, where in the window the first frame to emit is.
         emitted: (B,) int32, that frame's index in its stream (0: a new stream; its memory is cleared).
@@ -116,26 +119,28 @@ def decode_windows(codec: Xcodec2Codec, settings: StreamingSettings, memory: Mem
         audio (B, (C + A) * hop) float32 of frames ``starts ..`` of each window (the caller keeps ``counts``
         of them), and the updated memory.
     """
-    layer_memory = None
+    frame_memory = None
     if memory is not None:
         frames = jnp.where((emitted == 0)[:, None], -1, memory.frames)
         # Frames before the window only: the window's own context frames are decoded again in it.
         visible = (frames >= 0) & (frames < (emitted - starts)[:, None])
-        layer_memory = [KeyValues(k, v, visible) for k, v in zip(memory.keys, memory.values, strict=True)]
-    audio, own = codec.acoustic_decoder.decode_with_memory(codec.latents_from_codes(codes), lengths, layer_memory)
+        frame_memory = FrameMemory(memory.keys, memory.values, memory.moments, visible)
+    audio, own = codec.acoustic_decoder.decode_with_memory(codec.latents_from_codes(codes), lengths, frame_memory)
     hop = audio.shape[-1] // codes.shape[-1]
     audio = _rows(audio, starts * hop, settings.output_frames * hop)
     if memory is None:
         return audio, None
-    # Ring-buffer slots of the emitted chunk's frames; rows emitting fewer than C write fewer (M: dropped).
+    # Ring-buffer entries for the emitted chunk's frames; rows emitting fewer than C write fewer (M: dropped).
     chunk, size = settings.chunk_frames, settings.memory_frames
     offsets = jnp.arange(chunk)[None, :]
-    slots = jnp.where(offsets < counts[:, None], (emitted[:, None] + offsets) % size, size)
+    entries = jnp.where(offsets < counts[:, None], (emitted[:, None] + offsets) % size, size)
     write = jax.vmap(lambda buffer, index, rows: buffer.at[index].set(rows, mode="drop"))
-    remember = lambda buffer, new: write(buffer, slots, _rows(new, starts, chunk))
-    return audio, Memory([remember(m, kv.keys) for m, kv in zip(memory.keys, own, strict=True)],
-                         [remember(m, kv.values) for m, kv in zip(memory.values, own, strict=True)],
-                         write(frames, slots, emitted[:, None] + offsets))
+
+    def remember(buffers: list[Array], new: list[Array]) -> list[Array]:
+        return [write(buffer, entries, _rows(rows, starts, chunk)) for buffer, rows in zip(buffers, new, strict=True)]
+
+    return audio, Memory(remember(memory.keys, own.keys), remember(memory.values, own.values),
+                         remember(memory.moments, own.moments), write(frames, entries, emitted[:, None] + offsets))
 
 
 def _rows(array: Array, starts: Array, size: int) -> Array:
@@ -149,6 +154,11 @@ def _step(graphdef: nnx.GraphDef, settings: StreamingSettings, transform: Callab
     if transform is not None:
         transform(codec)
     return decode_windows(codec, settings, memory, *arrays)
+
+
+def _frame_memory(graphdef: nnx.GraphDef, state: nnx.State, codes: Array) -> FrameMemory:
+    codec = nnx.merge(graphdef, state)
+    return codec.acoustic_decoder.decode_with_memory(codec.latents_from_codes(codes))[1]
 
 
 @dataclasses.dataclass
@@ -174,11 +184,11 @@ def _compiled_step(model: Xcodec2Model, settings: StreamingSettings, mesh: Mesh,
         replicated, batched = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         rows = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct((slots, *shape), dtype, sharding=batched)
         memory = None
-        if settings.memory_frames:
-            config = model.config
-            entry = rows(settings.memory_frames, config.num_attention_heads, config.head_dim, dtype=model.dtype)
-            count = config.num_hidden_layers
-            memory = Memory([entry] * count, [entry] * count, rows(settings.memory_frames))
+        if settings.memory_frames:  # the shapes of what the decoder returns per frame, M frames of each
+            per_frame = jax.eval_shape(functools.partial(_frame_memory, model.graphdef), model.state, rows(1))
+            entries = lambda arrays: [rows(settings.memory_frames, *a.shape[2:], dtype=a.dtype) for a in arrays]
+            memory = Memory(entries(per_frame.keys), entries(per_frame.values), entries(per_frame.moments),
+                            rows(settings.memory_frames))
         step = jax.jit(functools.partial(_step, model.graphdef, settings, transform),
                        in_shardings=(replicated, batched, *[batched] * 5), out_shardings=batched,
                        donate_argnums=1)

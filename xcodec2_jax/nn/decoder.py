@@ -8,7 +8,6 @@ item's end, GroupNorm statistics and attention keys cover only its own frames, a
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -30,10 +29,15 @@ class ResNetBlock(nnx.Module):
         self.norm2 = GroupNorm(groups, dim, eps=eps, rngs=rngs)
         self.conv2 = Conv1d(dim, dim, 3, padding=(1, 1), numerics=numerics, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x, mask)), mask)
-        h = self.conv2(jax.nn.silu(self.norm2(h, mask)), mask)
-        return x + h
+    def __call__(self, x: Array, mask: Array | None,
+                 memory: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """-> (B, F, C) and the two GroupNorms' input moments; ``memory``: their moments of other frames."""
+        first, second = memory or (None, None)
+        own = [self.norm1.moments(x, mask)]
+        h = self.conv1(jax.nn.silu(self.norm1(x, mask, first)), mask)
+        own.append(self.norm2.moments(h, mask))
+        h = self.conv2(jax.nn.silu(self.norm2(h, mask, second)), mask)
+        return x + h, (own[0], own[1])
 
 
 @functools.cache
@@ -58,10 +62,22 @@ def rotate_half(x: Array) -> Array:
 
 class KeyValues(NamedTuple):
     """Keys (after RoPE) and values (B, M, heads, head_dim) of M frames outside a layer's input, and which
-    of them to attend to (B, M) bool. Streaming decode keeps earlier frames' keys and values this way."""
+    of them to attend to (B, M) bool."""
 
     keys: Array
     values: Array
+    mask: Array
+
+
+class FrameMemory(NamedTuple):
+    """What the window-wide parts of the decoder keep of M frames outside its input (streaming decode):
+    per transformer layer the keys and values (B, M, heads, head_dim), per GroupNorm (prior_net then
+    post_net, norm1 then norm2) its input's moments (B, M, groups, 3), and which frames to use (B, M) bool.
+    """
+
+    keys: list[Array]
+    values: list[Array]
+    moments: list[Array]
     mask: Array
 
 
@@ -194,20 +210,34 @@ class VocosDecoder(nnx.Module):
         return self.decode_with_memory(latents, frame_lengths)[0]
 
     def decode_with_memory(self, latents: Array, frame_lengths: Array | None = None,
-                           memory: Sequence[KeyValues] | None = None) -> tuple[Array, list[KeyValues]]:
-        """As ``__call__``, each transformer layer also attending to ``memory[layer]`` (streaming: earlier
-        frames' keys and values); returns the waveform and every layer's keys and values of these frames."""
+                           memory: FrameMemory | None = None) -> tuple[Array, FrameMemory]:
+        """As ``__call__``; with ``memory`` the attention and GroupNorm statistics also see those frames.
+
+        Returns the waveform and the same quantities for these frames (their mask: the valid frames), for
+        a streaming decoder to remember. Attention scores carry no position and GroupNorm statistics no
+        order, so remembered frames need no position either.
+        """
         mask = None
         if frame_lengths is not None:
             frames = jnp.arange(latents.shape[1])
             mask = (frames[None, :, None] < frame_lengths[:, None, None]).astype(jnp.float32)
+        prior = len(self.prior_net)
+        block_memory, layer_memory = [None] * (prior + len(self.post_net)), [None] * len(self.layers)
+        if memory is not None:
+            moments = [jnp.where(memory.mask[..., None, None], m, 0.0) for m in memory.moments]
+            block_memory = list(zip(moments[::2], moments[1::2], strict=True))
+            layer_memory = [KeyValues(k, v, memory.mask) for k, v in zip(memory.keys, memory.values, strict=True)]
+        own_moments, own = [], []
         x = self.embed(self.fc(latents), mask)
-        for block in self.prior_net:
-            x = block(x, mask)
-        keys_values = []
-        for index, layer in enumerate(self.layers):
-            x, own = layer(x, mask, None if memory is None else memory[index])
-            keys_values.append(own)
-        for block in self.post_net:
-            x = block(x, mask)
-        return self.head(self.norm(x), mask), keys_values
+        for block, remembered in zip(self.prior_net, block_memory[:prior], strict=True):
+            x, block_moments = block(x, mask, remembered)
+            own_moments += block_moments
+        for layer, remembered in zip(self.layers, layer_memory, strict=True):
+            x, keys_values = layer(x, mask, remembered)
+            own.append(keys_values)
+        for block, remembered in zip(self.post_net, block_memory[prior:], strict=True):
+            x, block_moments = block(x, mask, remembered)
+            own_moments += block_moments
+        valid = jnp.ones(latents.shape[:2], bool) if mask is None else mask[..., 0] > 0
+        return self.head(self.norm(x), mask), FrameMemory([kv.keys for kv in own], [kv.values for kv in own],
+                                                          own_moments, valid)
