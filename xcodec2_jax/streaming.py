@@ -58,11 +58,11 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class StreamingSettings:
-    """Frames per step (C), left context (L), lookahead (A) and attention memory (M).
+    """Frames per step (C), left context (L), lookahead (A) and memory (M).
 
-    Each step decodes a window of ``L + C + A`` frames whose attention also sees the keys and values of up
-    to M earlier frames of the stream. Latency before the first audio: ``C + A`` codes must have arrived,
-    plus one step. Defaults: see ``benchmarks/RESULTS.md`` ("Streaming decode").
+    Each step decodes a window of ``L + C + A`` frames whose attention and GroupNorm statistics also see up
+    to M earlier frames of the stream (0: none). Latency before the first audio: ``C + A`` codes must have
+    arrived, plus one step. Why these defaults: the module docstring and ``benchmarks/RESULTS.md``.
     """
 
     chunk_frames: int = 25  # 0.5 s at 50 codes/s; a step decodes (13 + 25 + 13) / 25 ~ 2x the frames it emits
