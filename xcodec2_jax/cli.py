@@ -28,12 +28,14 @@ import importlib
 import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
 from safetensors import safe_open
 
 from . import __version__
@@ -51,6 +53,7 @@ from .hub import (
     resolve_checkpoint_dir,
 )
 from .model import Xcodec2Model
+from .streaming import DEFAULT_SETTINGS, StreamingDecoder
 
 PROG = "xcodec2-jax"
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
@@ -176,12 +179,36 @@ def run_decode(args: argparse.Namespace) -> int:
     model = load_model(args)
     for path, item in zip(args.inputs, codes, strict=True):
         check_codes(item, str(path), model.config.codebook_size)
-    audio = model.decode_codes(codes, progress=_show_progress(args, len(codes)), settings=engine_settings(args))
     rate = model.output_sampling_rate
+    if args.stream:
+        decoder = StreamingDecoder(model, args.chunk_frames, args.left_context_frames, args.lookahead_frames)
+        for source, target, item in zip(args.inputs, outputs, codes, strict=True):
+            samples, first, total = decode_streaming(decoder, item, target, rate)
+            print(f"{source} -> {target}: {item.size} codes, {samples / rate:.2f} s at {rate} Hz, streamed: "
+                  f"time to first audio {first * 1e3:.0f} ms, real-time factor {samples / rate / total:.1f}")
+        return 0
+    audio = model.decode_codes(codes, progress=_show_progress(args, len(codes)), settings=engine_settings(args))
     for source, target, item, wave in zip(args.inputs, outputs, codes, audio, strict=True):
         save_audio(target, wave, rate)
         print(f"{source} -> {target}: {item.size} codes, {wave.size / rate:.2f} s at {rate} Hz")
     return 0
+
+
+def decode_streaming(decoder: StreamingDecoder, codes: np.ndarray, target: Path, rate: int) -> tuple[int, float, float]:
+    """Push ``codes`` a chunk at a time (as if an LM were emitting them) and append each piece of audio to the
+    16-bit WAV ``target`` as it comes: (samples written, seconds to the first audio, seconds in all)."""
+    chunk = decoder.settings.chunk_frames
+    first, samples = None, 0
+    with sf.SoundFile(target, "w", rate, 1, "PCM_16") as out:
+        begin = time.perf_counter()
+        for start in range(0, codes.size + chunk, chunk):
+            audio = decoder.push(codes[start : start + chunk]) if start < codes.size else decoder.flush()
+            if audio.size:
+                first = time.perf_counter() - begin if first is None else first
+                out.write(np.clip(audio, -1.0, 1.0))  # as save_audio: 16-bit PCM would wrap out-of-range samples
+                out.flush()  # the header and data on disk now cover everything written so far
+                samples += audio.size
+    return samples, first, time.perf_counter() - begin
 
 
 def run_roundtrip(args: argparse.Namespace) -> int:
@@ -243,6 +270,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _natural(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def _base_options() -> argparse.ArgumentParser:
     """Options every subcommand takes."""
     base = argparse.ArgumentParser(add_help=False)
@@ -291,6 +324,7 @@ NeuCodec 24 kHz; Anime-XCodec2 44.1 kHz).
 examples:
   {PROG} decode codes/speech.npy -o decoded/
   {PROG} decode codes/*.npy -o decoded/ --no-progress
+  {PROG} decode codes/speech.npy -o decoded/ --stream     # progressive WAV, prints time to first audio
 """
 
 ROUNDTRIP_EPILOG = f"""\
@@ -384,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
                           DECODE_EPILOG, [common])
     decode.add_argument("inputs", nargs="+", metavar="CODES.npy", help=".npy files of 1-D integer codes")
     decode.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="directory for the .wav files")
+    stream = decode.add_argument_group("streaming (xcodec2_jax.streaming.StreamingDecoder)")
+    stream.add_argument("--stream", action="store_true",
+                        help="decode each file as a stream, a chunk of codes at a time as an LM would emit them: "
+                             "the WAV grows as the audio comes; prints the time to first audio")
+    stream.add_argument("--chunk-frames", type=_positive_int, default=DEFAULT_SETTINGS.chunk_frames, metavar="N",
+                        help="with --stream: frames decoded per step (default: %(default)s)")
+    stream.add_argument("--left-context-frames", type=_natural, default=DEFAULT_SETTINGS.left_context_frames,
+                        metavar="N", help="with --stream: frames of left context per step (default: %(default)s)")
+    stream.add_argument("--lookahead-frames", type=_natural, default=DEFAULT_SETTINGS.lookahead_frames,
+                        metavar="N", help="with --stream: frames of lookahead per step (default: %(default)s)")
 
     roundtrip = _add_command(subparsers, "roundtrip", run_roundtrip, "encode and decode one audio file",
                              ROUNDTRIP_EPILOG, [common])

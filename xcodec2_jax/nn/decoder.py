@@ -8,6 +8,7 @@ item's end, GroupNorm statistics and attention keys cover only its own frames, a
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,15 @@ class ResNetBlock(nnx.Module):
         self.norm2 = GroupNorm(groups, dim, eps=eps, rngs=rngs)
         self.conv2 = Conv1d(dim, dim, 3, padding=(1, 1), numerics=numerics, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x, mask)), mask)
-        h = self.conv2(jax.nn.silu(self.norm2(h, mask)), mask)
-        return x + h
+    def __call__(self, x: Array, mask: Array | None,
+                 memory: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """-> (B, F, C) and the two GroupNorms' input moments; ``memory``: their moments of other frames."""
+        first, second = memory or (None, None)
+        own = [self.norm1.moments(x, mask)]
+        h = self.conv1(jax.nn.silu(self.norm1(x, mask, first)), mask)
+        own.append(self.norm2.moments(h, mask))
+        h = self.conv2(jax.nn.silu(self.norm2(h, mask, second)), mask)
+        return x + h, (own[0], own[1])
 
 
 @functools.cache
@@ -54,6 +60,27 @@ def rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+class KeyValues(NamedTuple):
+    """Keys (after RoPE) and values (B, M, heads, head_dim) of M frames outside a layer's input, and which
+    of them to attend to (B, M) bool."""
+
+    keys: Array
+    values: Array
+    mask: Array
+
+
+class FrameMemory(NamedTuple):
+    """What the window-wide parts of the decoder keep of M frames outside its input (streaming decode):
+    per transformer layer the keys and values (B, M, heads, head_dim), per GroupNorm (prior_net then
+    post_net, norm1 then norm2) its input's moments (B, M, groups, 3), and which frames to use (B, M) bool.
+    """
+
+    keys: list[Array]
+    values: list[Array]
+    moments: list[Array]
+    mask: Array
+
+
 class Attention(nnx.Module):
     """Bidirectional multi-head attention with X-Codec2's RoPE.
 
@@ -74,14 +101,22 @@ class Attention(nnx.Module):
         self.rope_theta = config.rope_theta
         self.numerics = numerics
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        """x (B, F, C), mask (B, F, 1) or None -> (B, F, C)."""
+    def __call__(self, x: Array, mask: Array | None, memory: KeyValues | None = None) -> tuple[Array, KeyValues]:
+        """x (B, F, C), mask (B, F, 1) or None -> (B, F, C), and x's own keys and values.
+
+        ``memory``: keys and values of other frames to attend to as well. The scores carry no position (see
+        above), so frames decoded earlier can be attended to from their cached keys and values.
+        """
         b, f, _ = x.shape
         split = lambda h: h.reshape(b, f, self.heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         cos, sin = (jnp.asarray(t, q.dtype) for t in rope_tables(self.heads, self.head_dim, self.rope_theta))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        own = KeyValues(k, v, jnp.ones((b, f), bool) if mask is None else mask[..., 0] > 0)
+        if memory is not None:
+            k, v = (jnp.concatenate([m.astype(a.dtype), a], axis=1) for m, a in ((memory.keys, k), (memory.values, v)))
+            mask = jnp.concatenate([memory.mask, own.mask], axis=1)[..., None]
         precision = self.numerics.precision
         scores = jnp.einsum("blhd,brhd->bhlr", q, k, precision=precision) * self.head_dim**-0.5
         scores = scores.astype(jnp.float32)
@@ -89,7 +124,7 @@ class Attention(nnx.Module):
             scores = jnp.where(mask[:, None, None, :, 0] > 0, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhlr,brhd->blhd", weights, v, precision=precision)
-        return self.o_proj(out.reshape(b, f, -1))
+        return self.o_proj(out.reshape(b, f, -1)), own
 
 
 class MLP(nnx.Module):
@@ -115,9 +150,11 @@ class TransformerLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: Array, mask: Array | None, memory: KeyValues | None = None) -> tuple[Array, KeyValues]:
+        """(B, F, C) -> (B, F, C) and the attention's own keys and values (see :class:`Attention`)."""
+        h, own = self.self_attn(self.input_layernorm(x), mask, memory)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), own
 
 
 def overlap_add(frames: Array, hop: int) -> Array:
@@ -228,18 +265,40 @@ class VocosDecoder(nnx.Module):
 
     def __call__(self, latents: Array, frame_lengths: Array | None = None) -> Array:
         """``frame_lengths`` (B,) valid frames per item, or None when all frames are valid."""
+        return self.decode_with_memory(latents, frame_lengths)[0]
+
+    def decode_with_memory(self, latents: Array, frame_lengths: Array | None = None,
+                           memory: FrameMemory | None = None) -> tuple[Array, FrameMemory]:
+        """As ``__call__``; with ``memory`` the attention and GroupNorm statistics also see those frames.
+
+        Returns the waveform and the same quantities for these frames (their mask: the valid frames), for
+        a streaming decoder to remember. Attention scores carry no position and GroupNorm statistics no
+        order, so remembered frames need no position either.
+        """
         mask = None
         if frame_lengths is not None:
             frames = jnp.arange(latents.shape[1])
             mask = (frames[None, :, None] < frame_lengths[:, None, None]).astype(jnp.float32)
+        prior = len(self.prior_net)
+        block_memory, layer_memory = [None] * (prior + len(self.post_net)), [None] * len(self.layers)
+        if memory is not None:
+            moments = [jnp.where(memory.mask[..., None, None], m, 0.0) for m in memory.moments]
+            block_memory = list(zip(moments[::2], moments[1::2], strict=True))
+            layer_memory = [KeyValues(k, v, memory.mask) for k, v in zip(memory.keys, memory.values, strict=True)]
+        own_moments, own = [], []
         x = self.embed(self.fc(latents), mask)
-        for block in self.prior_net:
-            x = block(x, mask)
-        for layer in self.layers:
-            x = layer(x, mask)
-        for block in self.post_net:
-            x = block(x, mask)
+        for block, remembered in zip(self.prior_net, block_memory[:prior], strict=True):
+            x, block_moments = block(x, mask, remembered)
+            own_moments += block_moments
+        for layer, remembered in zip(self.layers, layer_memory, strict=True):
+            x, keys_values = layer(x, mask, remembered)
+            own.append(keys_values)
+        for block, remembered in zip(self.post_net, block_memory[prior:], strict=True):
+            x, block_moments = block(x, mask, remembered)
+            own_moments += block_moments
+        valid = jnp.ones(latents.shape[:2], bool) if mask is None else mask[..., 0] > 0
+        memory_out = FrameMemory([kv.keys for kv in own], [kv.values for kv in own], own_moments, valid)
         x = self.norm(x)
         if self.upsampler is not None:
             x, mask = self.upsampler(x, mask)
-        return self.head(x, mask)
+        return self.head(x, mask), memory_out

@@ -139,7 +139,8 @@ class GroupNorm(nnx.Module):
     """GroupNorm over (time, channels-in-group) of (B, T, C), float32 statistics.
 
     With ``mask`` (B, T, 1) the statistics use only each item's valid frames, which is what that item
-    would get if it were normalised alone.
+    would get if it were normalised alone. With ``memory`` (streaming decode) they also pool the
+    :meth:`moments` of frames outside ``x``.
     """
 
     def __init__(self, num_groups: int, features: int, *, eps: float, rngs: nnx.Rngs):
@@ -148,10 +149,18 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
         self.num_groups, self.eps = num_groups, eps
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, memory: Array | None = None) -> Array:
+        """x (B, T, C); mask (B, T, 1) or None; memory (B, M, groups, 3) moments of other frames or None."""
         b, t, c = x.shape
         h = x.astype(jnp.float32).reshape(b, t, self.num_groups, c // self.num_groups)
-        if mask is None:
+        if memory is not None:
+            # Chan et al.'s pooling of per-frame (count, mean, squared deviations): no cancellation.
+            count, frame_mean, deviations = jnp.moveaxis(jnp.concatenate([memory, self.moments(x, mask)], 1), -1, 0)
+            total = jnp.maximum(count.sum(1), 1)
+            mean = (count * frame_mean).sum(1) / total
+            var = (deviations + count * jnp.square(frame_mean - mean[:, None])).sum(1) / total
+            mean, var = mean[:, None, :, None], var[:, None, :, None]
+        elif mask is None:
             mean = h.mean((1, 3), keepdims=True)
             var = jnp.square(h - mean).mean((1, 3), keepdims=True)
         else:
@@ -161,3 +170,13 @@ class GroupNorm(nnx.Module):
             var = (jnp.square(h - mean) * w).sum((1, 3), keepdims=True) / count
         h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, t, c)
         return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+    def moments(self, x: Array, mask: Array | None = None) -> Array:
+        """Per frame and group: (values counted, their mean, sum of squared deviations from it), float32
+        (B, T, groups, 3); zeros for masked frames. What ``memory`` holds."""
+        b, t, c = x.shape
+        h = x.astype(jnp.float32).reshape(b, t, self.num_groups, c // self.num_groups)
+        mean = h.mean(-1)
+        count = jnp.full_like(mean, c // self.num_groups)
+        frame = jnp.stack([count, mean, jnp.square(h - mean[..., None]).sum(-1)], axis=-1)
+        return frame if mask is None else jnp.where(mask[..., None] > 0, frame, 0.0)
