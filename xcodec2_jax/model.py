@@ -87,7 +87,7 @@ class Xcodec2Model:
     @classmethod
     def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0) -> Xcodec2Model:
         """A randomly initialised model (for tests and training from scratch)."""
-        codec = Xcodec2Codec(config, numerics=Numerics.for_dtype(dtype), rngs=nnx.Rngs(seed))
+        codec = Xcodec2Codec(config, numerics=Numerics.create(dtype), rngs=nnx.Rngs(seed))
         return cls(config, codec)
 
     @classmethod
@@ -107,7 +107,7 @@ class Xcodec2Model:
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointNotFoundError(f"{directory} has no {CONFIG_NAME}; expected an X-Codec2 checkpoint")
         config = Xcodec2Config.from_json_file(directory / CONFIG_NAME)
-        numerics = Numerics.for_dtype(dtype)
+        numerics = Numerics.create(dtype)
         abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=nnx.Rngs(0)))
         source, files = find_weights(directory)
         params = load_params(abstract, files, source=source)

@@ -105,8 +105,8 @@ class SnakeBeta(nnx.Module):
     """x + 1 / (exp(beta) + 1e-9) * sin(x * exp(alpha))^2, per channel, in float32."""
 
     def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs):
-        self.alpha = nnx.Param(0.1 * jax.random.normal(rngs.params(), (channels,), numerics.dtype))
-        self.beta = nnx.Param(0.1 * jax.random.normal(rngs.params(), (channels,), numerics.dtype))
+        self.alpha = nnx.Param(0.1 * jax.random.normal(rngs.params(), (channels,), numerics.param_dtype))
+        self.beta = nnx.Param(0.1 * jax.random.normal(rngs.params(), (channels,), numerics.param_dtype))
 
     def __call__(self, x: Array) -> Array:
         """x (B, C, T) float32 -> (B, C, T) float32."""
@@ -147,10 +147,10 @@ class AntiAliasedActivation(nnx.Module):
 
 
 def time_mask(lengths: Array | None, t: int) -> Array | None:
-    """(B, 1, T) float 0/1 mask of valid samples, or None when every sample is valid."""
+    """(B, 1, T) boolean mask of valid samples, or None when every sample is valid."""
     if lengths is None:
         return None
-    return (jnp.arange(t)[None, None, :] < lengths[:, None, None]).astype(jnp.float32)
+    return jnp.arange(t)[None, None, :] < lengths[:, None, None]
 
 
 class ResidualUnit(nnx.Module):

@@ -27,7 +27,8 @@ class Xcodec2Codec(nnx.Module):
         self.semantic_encoder = SemanticEncoder(config.semantic, numerics=numerics, rngs=rngs)
         self.semantic_adapter = SemanticAdapter(config.semantic, numerics=numerics, rngs=rngs)
         self.acoustic_encoder = AcousticEncoder(config, numerics=numerics, rngs=rngs)
-        self.fc_encoder = Linear(fused, fused, numerics=numerics, rngs=rngs)
+        # fc_encoder -> project_in -> FSQ in float32: FSQ rounds, so a bf16 rounding upstream flips codes.
+        self.fc_encoder = Linear(fused, fused, numerics=numerics.float32(), rngs=rngs)
         self.quantizer = Quantizer(config, numerics=numerics, rngs=rngs)
         self.acoustic_decoder = VocosDecoder(config, numerics=numerics, rngs=rngs)
         self.hop_length = config.hop_length
@@ -54,6 +55,10 @@ class Xcodec2Codec(nnx.Module):
         semantic = self.semantic_encoder(features.astype(self.numerics.dtype), feature_mask)
         semantic = self.semantic_adapter(semantic, frame_mask)
         acoustic = self.acoustic_encoder(waveform.astype(self.numerics.dtype), sample_lengths)
+        return self.quantize(semantic, acoustic)
+
+    def quantize(self, semantic: Array, acoustic: Array) -> tuple[Array, Array]:
+        """Semantic (B, F, semantic hidden) and acoustic (B, F, hidden) features -> (codes, latents)."""
         fused = self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
         latents, codes = self.quantizer(fused)
         return codes, latents

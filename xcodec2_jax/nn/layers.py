@@ -5,9 +5,10 @@ Parameter layouts follow Flax conventions: Linear kernels are (in, out), Conv1d 
 explicitly: on GPU/TPU the default precision is TF32/bf16-like and flips about 2% of the codes, so the
 float32 policy asks for ``HIGHEST`` op by op instead of flipping a global flag.
 
-Masks are float arrays of 0/1 broadcastable to the activations (``(B, T, 1)`` channels-last,
-``(B, 1, T)`` channels-first). A conv given a mask zeroes masked positions first, so an item's zero
-padding inside a batch looks exactly like the zero padding it would get alone.
+Masks are boolean arrays broadcastable to the activations (``(B, T, 1)`` channels-last, ``(B, 1, T)``
+channels-first). A conv given a mask zeroes masked positions first (with ``jnp.where``, so a NaN or Inf
+in the padding cannot leak into valid frames), so an item's zero padding inside a batch looks exactly
+like the zero padding it would get alone.
 """
 
 from __future__ import annotations
@@ -23,22 +24,45 @@ from flax import nnx
 Array = jax.Array
 
 
+PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": jax.lax.Precision.DEFAULT,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """Compute dtype and matmul/conv precision. Norms, FSQ and the ISTFT always run in float32."""
+    """Compute dtype, parameter storage dtype and matmul/conv precision of a layer.
+
+    ``precision`` (see :data:`PRECISIONS`) applies to float32 operands: on TPU "highest" is 6 bf16 passes
+    (float32 accuracy), "high" 3 passes (bf16x3, ~16 mantissa bits), "default" one bf16 pass; on NVIDIA
+    GPUs "highest" is true float32 and "high"/"default" allow TF32. bfloat16 operands take one pass
+    whatever the precision. Parameters are stored in ``param_dtype`` (float32) and cast to ``dtype`` where
+    they are used. Norms, FSQ and the ISTFT always run in float32.
+    """
 
     dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+    param_dtype: jnp.dtype = jnp.float32
 
     @classmethod
-    def for_dtype(cls, dtype) -> Numerics:
-        """float32 -> full-precision ops; bfloat16/float16 -> the backend's fast default."""
+    def create(cls, dtype=jnp.float32, precision: str = "highest") -> Numerics:
+        """Validated constructor: ``dtype`` float32/bfloat16/float16, ``precision`` a key of PRECISIONS."""
         dtype = jnp.dtype(dtype)
-        if dtype == jnp.float32:
-            return cls(jnp.float32, jax.lax.Precision.HIGHEST)
-        if dtype in (jnp.bfloat16, jnp.float16):
-            return cls(dtype, jax.lax.Precision.DEFAULT)
-        raise ValueError(f"dtype={dtype} is not supported; expected float32, bfloat16 or float16")
+        if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            raise ValueError(f"dtype={dtype} is not supported; expected float32, bfloat16 or float16")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not supported; expected one of {tuple(PRECISIONS)}")
+        return cls(dtype, PRECISIONS[precision])
+
+    def float32(self) -> Numerics:
+        """The same policy computing in float32: for the layers whose outputs pick FSQ codes or feed the ISTFT."""
+        return dataclasses.replace(self, dtype=jnp.float32)
+
+    @property
+    def precision_name(self) -> str:
+        return next(name for name, p in PRECISIONS.items() if p == self.precision)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -63,14 +87,14 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                  numerics: Numerics, rngs: nnx.Rngs):
         bound = 1 / math.sqrt(in_features)
-        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound, numerics.dtype))
-        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound, numerics.dtype)) if use_bias else None
+        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound, numerics.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound, numerics.param_dtype)) if use_bias else None
         self.numerics = numerics
 
     def __call__(self, x: Array) -> Array:
-        x = x.astype(self.numerics.dtype)
-        y = jnp.matmul(x, self.kernel[...], precision=self.numerics.precision)
-        return y if self.bias is None else y + self.bias[...]
+        dtype = self.numerics.dtype
+        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype), precision=self.numerics.precision)
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 class Conv1d(nnx.Module):
@@ -84,24 +108,26 @@ class Conv1d(nnx.Module):
                  use_bias: bool = True, channels_first: bool = False, numerics: Numerics, rngs: nnx.Rngs):
         bound = math.sqrt(groups / (in_channels * kernel_size))
         shape = (kernel_size, in_channels // groups, out_channels)
-        self.kernel = nnx.Param(_uniform(rngs, shape, bound, numerics.dtype))
-        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, numerics.dtype)) if use_bias else None
+        self.kernel = nnx.Param(_uniform(rngs, shape, bound, numerics.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, numerics.param_dtype)) if use_bias else None
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.channels_first = channels_first
         self.numerics = numerics
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        if mask is not None:
-            x = x * mask.astype(x.dtype)
+        """``mask`` boolean, broadcastable to ``x``: positions where it is False enter as zeros."""
+        dtype = self.numerics.dtype
+        x = x.astype(dtype) if mask is None else jnp.where(mask, x.astype(dtype), 0)
         layout = ("NCH", "HIO", "NCH") if self.channels_first else ("NHC", "HIO", "NHC")
         y = jax.lax.conv_general_dilated(
-            x.astype(self.numerics.dtype), self.kernel[...],
+            x, self.kernel[...].astype(dtype),
             window_strides=(self.stride,), padding=(self.padding,), rhs_dilation=(self.dilation,),
             dimension_numbers=layout, feature_group_count=self.groups, precision=self.numerics.precision,
         )
         if self.bias is None:
             return y
-        return y + (self.bias[...][:, None] if self.channels_first else self.bias[...])
+        bias = self.bias[...].astype(dtype)
+        return y + (bias[:, None] if self.channels_first else bias)
 
 
 class LayerNorm(nnx.Module):
@@ -138,8 +164,8 @@ class RMSNorm(nnx.Module):
 class GroupNorm(nnx.Module):
     """GroupNorm over (time, channels-in-group) of (B, T, C), float32 statistics.
 
-    With ``mask`` (B, T, 1) the statistics use only each item's valid frames, which is what that item
-    would get if it were normalised alone.
+    With ``mask`` (B, T, 1) boolean the statistics use only each item's valid frames, which is what that
+    item would get if it were normalised alone; an item with no valid frame gets finite garbage, not NaN.
     """
 
     def __init__(self, num_groups: int, features: int, *, eps: float, rngs: nnx.Rngs):
@@ -155,9 +181,28 @@ class GroupNorm(nnx.Module):
             mean = h.mean((1, 3), keepdims=True)
             var = jnp.square(h - mean).mean((1, 3), keepdims=True)
         else:
-            w = mask.astype(jnp.float32)[..., None]  # (B, T, 1, 1)
-            count = w.sum(1, keepdims=True) * (c // self.num_groups)
-            mean = (h * w).sum((1, 3), keepdims=True) / count
-            var = (jnp.square(h - mean) * w).sum((1, 3), keepdims=True) / count
+            valid = mask[..., None]  # (B, T, 1, 1)
+            count = jnp.maximum(valid.sum(1, keepdims=True), 1) * (c // self.num_groups)
+            mean = jnp.where(valid, h, 0).sum((1, 3), keepdims=True) / count
+            var = jnp.where(valid, jnp.square(h - mean), 0).sum((1, 3), keepdims=True) / count
         h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, t, c)
         return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, bias: Array | None = None,
+              key_mask: Array | None = None) -> Array:
+    """Multi-head softmax attention, the one core every attention layer calls.
+
+    Args:
+        query, key, value: (B, T, H, D) and (B, S, H, D) in the compute dtype.
+        bias: additive logits (B or 1, H or 1, T, S), already scaled like the scores, or None.
+        key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
+
+    Returns (B, T, H, D). Scores are ``q . k / sqrt(D) + bias``, softmax in float32 (as Transformers).
+    ``jax.nn.dot_product_attention`` picks the backend (cuDNN flash attention on GPU where it applies);
+    it takes no ``precision``, so the layer's precision is set as the default for the matmuls it traces.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    with jax.default_matmul_precision(numerics.precision_name):
+        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
+                                            scale=query.shape[-1] ** -0.5)

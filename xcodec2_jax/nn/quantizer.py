@@ -50,16 +50,17 @@ class Quantizer(nnx.Module):
 
     def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
         dims = len(config.quantization_levels)
-        self.project_in = Linear(config.quantization_dim, dims, numerics=numerics, rngs=rngs)
+        # float32 whatever the compute dtype: its output picks the codes (see Xcodec2Codec.quantize).
+        self.project_in = Linear(config.quantization_dim, dims, numerics=numerics.float32(), rngs=rngs)
         self.project_out = Linear(dims, config.quantization_dim, numerics=numerics, rngs=rngs)
         self.levels = tuple(config.quantization_levels)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
         """x (B, F, quantization_dim) -> (quantized latents (B, F, quantization_dim), indices (B, F))."""
         fsq = FSQ(self.levels)
-        z = fsq.bound(self.project_in(x).astype(jnp.float32))
+        z = fsq.bound(self.project_in(x))
         codes, indices = fsq.quantize(z)
-        return self.project_out(codes.astype(x.dtype)), indices
+        return self.project_out(codes), indices
 
     def from_indices(self, indices: Array) -> Array:
         """indices (B, F) int -> quantized latents (B, F, quantization_dim)."""
