@@ -48,17 +48,18 @@ class FSQ:
 class Quantizer(nnx.Module):
     """project_in -> bound -> FSQ -> project_out, and the inverse path from indices."""
 
-    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
+    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, input_numerics: Numerics | None = None,
+                 rngs: nnx.Rngs):
+        """``input_numerics``: project_in's policy (its output picks the codes), default ``numerics``."""
         dims = len(config.quantization_levels)
-        # float32 whatever the compute dtype: its output picks the codes (see Xcodec2Codec.quantize).
-        self.project_in = Linear(config.quantization_dim, dims, numerics=numerics.float32(), rngs=rngs)
+        self.project_in = Linear(config.quantization_dim, dims, numerics=input_numerics or numerics, rngs=rngs)
         self.project_out = Linear(dims, config.quantization_dim, numerics=numerics, rngs=rngs)
         self.levels = tuple(config.quantization_levels)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
         """x (B, F, quantization_dim) -> (quantized latents (B, F, quantization_dim), indices (B, F))."""
         fsq = FSQ(self.levels)
-        z = fsq.bound(self.project_in(x))
+        z = fsq.bound(self.project_in(x).astype(jnp.float32))
         codes, indices = fsq.quantize(z)
         return self.project_out(codes), indices
 

@@ -1,0 +1,157 @@
+"""The accelerator compute path, checked on CPU: Pallas TPU kernels (interpret mode) against the XLA forms,
+masking that keeps NaN/Inf padding out of valid frames, the attention core's precision, the precision and
+bf16 policies of ``from_pretrained``."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xcodec2_jax import Xcodec2Model
+from xcodec2_jax.config import SemanticConfig, Xcodec2Config
+from xcodec2_jax.nn import acoustic_pallas
+from xcodec2_jax.nn.acoustic import AntiAliasedActivation, ResidualUnit
+from xcodec2_jax.nn.antialias import polyphase_xla
+from xcodec2_jax.nn.decoder import ResNetBlock
+from xcodec2_jax.nn.layers import GroupNorm, Numerics
+from xcodec2_jax.nn.semantic import SemanticAdapter, SemanticEncoder
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _valid_err(got, want, lengths) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return max(float(np.abs(got[i, :, :n] - want[i, :, :n]).max()) for i, n in enumerate(np.asarray(lengths)))
+
+
+# (channels, samples): one block holding the whole signal; several blocks with halos (48 channels ->
+# 1280-sample blocks), lengths ending in the first block, across a block boundary and at the end.
+SHAPES = [(8, 203, (203, 71)), (48, 3000, (3000, 1281, 7))]
+
+
+@pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)
+def test_activation_kernel_equals_xla_form(channels, samples, lengths):
+    x = jnp.asarray(2 * _rng(1).standard_normal((len(lengths), channels, samples)), jnp.float32)
+    act = AntiAliasedActivation(channels, numerics=Numerics(), rngs=nnx.Rngs(0))
+    alpha, inv_beta = act.parameters()
+    lengths = jnp.asarray(lengths, jnp.int32)
+    want = polyphase_xla(x, alpha, inv_beta, lengths)
+    got = acoustic_pallas.activation(x, lengths, alpha, inv_beta, interpret=True)
+    assert np.isfinite(np.asarray(got)).all()
+    assert _valid_err(got, want, lengths) < 5e-6
+
+
+@pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)
+@pytest.mark.parametrize("dilation", [1, 9])
+def test_residual_unit_kernel_equals_xla_form(channels, samples, lengths, dilation):
+    unit = ResidualUnit(channels, dilation, numerics=Numerics(), rngs=nnx.Rngs(2))
+    x = jnp.asarray(_rng(3).standard_normal((len(lengths), channels, samples)), jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    want = unit.xla(x, lengths)
+    got = acoustic_pallas.residual_unit(
+        x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]), unit.snake2.parameters(),
+        (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=dilation, precision=jax.lax.Precision.HIGHEST,
+        interpret=True)
+    assert np.isfinite(np.asarray(got)).all()
+    assert _valid_err(got, want, lengths) < 5e-6 * float(np.abs(np.asarray(want)).max())
+
+
+# ------------------------------------------------------------------------------------ masking (issue 14)
+def _poison(x: np.ndarray, valid: int, axis: int) -> np.ndarray:
+    """x with NaN and Inf everywhere past ``valid`` along ``axis`` (item 1 only)."""
+    x = x.copy()
+    index = [1] + [slice(None)] * (x.ndim - 1)
+    index[axis] = slice(valid, None)
+    x[tuple(index)] = np.nan
+    index[axis] = slice(valid + 1, valid + 2)
+    x[tuple(index)] = np.inf
+    return x
+
+
+def test_nan_in_padding_does_not_reach_valid_frames():
+    rngs, numerics = nnx.Rngs(4), Numerics()
+    semantic = SemanticConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    frames, valid = 12, 7
+    mask = np.arange(frames)[None, :] < np.array([frames, valid])[:, None]
+    features = _rng(5).standard_normal((2, frames, 160)).astype(np.float32)
+    encoder = SemanticEncoder(semantic, numerics=numerics, rngs=rngs)
+    clean = np.asarray(encoder(jnp.asarray(features), jnp.asarray(mask)))
+    dirty = np.asarray(encoder(jnp.asarray(_poison(features, valid, 1)), jnp.asarray(mask)))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+    adapter = SemanticAdapter(semantic, numerics=numerics, rngs=rngs)
+    hidden = _rng(6).standard_normal((2, frames, 32)).astype(np.float32)
+    clean = np.asarray(adapter(jnp.asarray(hidden), jnp.asarray(mask)))
+    dirty = np.asarray(adapter(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask)))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+    block = ResNetBlock(Xcodec2Config(hidden_size=64, quantization_dim=64 + 1024), numerics=numerics, rngs=rngs)
+    hidden = _rng(7).standard_normal((2, frames, 64)).astype(np.float32)
+    clean = np.asarray(block(jnp.asarray(hidden), jnp.asarray(mask[..., None])))
+    dirty = np.asarray(block(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask[..., None])))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+
+def test_masked_group_norm_with_no_valid_frame_is_finite():
+    norm = GroupNorm(4, 16, eps=1e-6, rngs=nnx.Rngs(0))
+    x = jnp.asarray(_rng(8).standard_normal((2, 5, 16)), jnp.float32)
+    mask = jnp.asarray([[True] * 5, [False] * 5])[..., None]
+    out = np.asarray(norm(x, mask))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], np.asarray(norm(x[:1]))[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ precision, policies
+def _dot_precisions(fn, *args) -> set[str]:
+    """The precision of every dot_general/conv in the jaxpr of ``fn`` (nested jaxprs included)."""
+    found: set[str] = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.add(str(eqn.params["precision"]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_precision_reaches_every_matmul_including_attention(reference, precision):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, precision=precision)
+    codec = nnx.merge(model.graphdef, model.state)
+    frames = 9
+    waveform = jnp.zeros((1, 1, frames * 320), jnp.float32)
+    features = jnp.zeros((1, frames, 160), jnp.float32)
+    encode = _dot_precisions(lambda w, f: codec.encode(w, f), waveform, features)
+    decode = _dot_precisions(lambda z: codec.decode(z), jnp.zeros((1, frames, 96), jnp.float32))
+    want = {"highest": "(Precision.HIGHEST, Precision.HIGHEST)", "default": "(Precision.DEFAULT, Precision.DEFAULT)"}
+    assert encode == decode == {want[precision]}
+
+
+def test_bf16_policy_keeps_parameters_and_the_fsq_input_path_in_float32(reference, torch_features):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.state)} == {jnp.dtype(jnp.float32)}
+    codec = nnx.merge(model.graphdef, model.state)
+    assert codec.fc_encoder.numerics.dtype == codec.quantizer.project_in.numerics.dtype == jnp.float32
+    assert codec.acoustic_decoder.head.linear.numerics.dtype == jnp.float32
+    assert codec.semantic_encoder.encoder.layers[0].ffn1.intermediate_dense.numerics.dtype == jnp.bfloat16
+    features = {k: v.numpy() for k, v in torch_features.items()}
+    f32 = reference.model.encode(**features).audio_codes
+    bf16 = model.encode(**features).audio_codes
+    assert np.mean(f32 == bf16) > 0.2  # bf16 agrees with float32 on many codes (a loose sanity bound)
+
+
+def test_unknown_float32_part_is_refused(reference):
+    with pytest.raises(ValueError, match="not parts of the codec"):
+        Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16, float32_parts=("decoder",))
+    with pytest.raises(ValueError, match="precision="):
+        Xcodec2Model.from_pretrained(reference.checkpoint, precision="fp32")
+
