@@ -8,15 +8,15 @@
 libtpu compiles for a TPU topology on a CPU-only host (``jax.experimental.topologies``). The steps are the
 engine's own (:func:`xcodec2_jax.engine.step_functions` on a mesh over the topology's chips, inputs from
 :func:`~xcodec2_jax.engine.step_inputs`), with an abstract replicated state: nothing is allocated. The
-parts (semantic encoder, adapter, acoustic encoder, fc + FSQ, decoder) are the codec's own methods,
-jitted with the same shardings. For each: XLA's ``cost_analysis`` (flops, bytes accessed,
-transcendentals; per chip, the program being SPMD-partitioned), ``memory_analysis`` (argument, output and
-temporary bytes per chip), compile time, the count of gather/scatter/dynamic-slice ops left in the
-optimised program, and a roofline per chip: ``max(flops x passes / peak bf16 flops, bytes / HBM
-bandwidth)``, as x real time (audio seconds per second per chip). ``passes`` is 6 for float32 at
-precision "highest" (3 for "high"; bf16 is 1); it is applied to all flops, elementwise ones included, so
-the compute bound is pessimistic. Pallas kernels report the bytes they move (their blocks, halos
-included) through their cost estimates.
+parts (semantic encoder, adapter, acoustic encoder, fc + FSQ, decoder, and one anti-aliased activation at
+the first acoustic block's shape) are the codec's own modules, jitted with the same shardings. For each:
+XLA's ``cost_analysis`` (flops, bytes accessed, transcendentals; per chip, the program being
+SPMD-partitioned), ``memory_analysis`` (argument, output and temporary bytes per chip), compile time, the
+count of gather/scatter/dynamic-slice ops left in the optimised program, and a roofline per chip:
+``max(flops x passes / peak bf16 flops, bytes / HBM bandwidth)``, as x real time (audio seconds per second
+per chip). ``passes`` is 6 for float32 at precision "highest" (3 for "high"; bf16 is 1); it is applied to
+all flops, elementwise ones included, so the compute bound is pessimistic. Pallas kernels report the
+bytes they move (their blocks, halos included) through their cost estimates.
 
 Results are cached in the JSON file (``--json``) under a key that includes a hash of the package's
 source, so an unchanged case is not compiled twice. libtpu prints warnings about the missing TPU.
@@ -76,7 +76,7 @@ TINY = {
                               "intermediate_size": 64},
 }
 STEPS = ("encode", "decode")
-PARTS = ("semantic_encoder", "semantic_adapter", "acoustic_encoder", "fc_fsq", "decoder")
+PARTS = ("semantic_encoder", "semantic_adapter", "acoustic_encoder", "fc_fsq", "decoder", "activation")
 HLO_GATHERS = re.compile(r"= [^=]*? (gather|scatter|dynamic-slice|dynamic-update-slice)\(")
 
 
@@ -115,6 +115,9 @@ def part_functions(graphdef: nnx.GraphDef, config: Xcodec2Config, dtype: jnp.dty
                    [spec((batch, frames, semantic), dtype), spec((batch, frames, acoustic), dtype)]),
         "decoder": (lambda s, z, n: codec(s).decode(z, n),
                     [spec((batch, frames, config.quantization_dim), dtype), spec((batch,), jnp.int32)]),
+        # One anti-aliased activation at the shape of the first block's (the acoustic encoder's bulk).
+        "activation": (lambda s, x, n: codec(s).acoustic_encoder.block[0].res_unit1.snake1(x, n),
+                       [spec((batch, config.encoder_hidden_size, frames * hop), dtype), spec((batch,), jnp.int32)]),
     }
     replicated = NamedSharding(mesh, PartitionSpec())
     return {name: (jax.jit(fn, in_shardings=(replicated, *[batched] * len(args)), out_shardings=batched), args)
@@ -184,17 +187,20 @@ def with_roofline(row: dict, chip: Chip, audio_seconds: float) -> dict:
     return {**row, "roofline_ms": seconds * 1e3, "bound": "compute" if compute >= memory else "memory",
             "x_real_time": audio_seconds / seconds if seconds else float("inf"),
             "gb_per_audio_s": row["gb_accessed"] / audio_seconds,
+            # bytes accessed over the bytes of the arguments (weights included) and outputs: 1 is one pass
+            "traffic_over_io": row["gb_accessed"] / ((row["argument_gib"] + row["output_gib"]) * 2**30 / 1e9),
             "fits_hbm": row["argument_gib"] + row["temp_gib"] <= chip.hbm_gib}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| chip | dtype | batch x s | step / part | GFLOP | GB accessed | GB / audio s | transc. (G) | arg GiB "
-            "| temp GiB | fits HBM | gathers | compile s | roofline ms | bound | x real time |")
+    head = ("| chip | dtype | batch x s | step / part | GFLOP | GB accessed | GB / audio s | accessed / (in + out) "
+            "| transc. (G) | arg GiB | temp GiB | fits HBM | gathers | compile s | roofline ms | bound | x real time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['chip']} | {r['dtype']} | {r['batch_per_chip']} x {r['seconds']:g} | {r['what']} | {r['gflop']:.0f} "
-            f"| {r['gb_accessed']:.2f} | {r['gb_per_audio_s']:.3f} | {r['transcendentals_g']:.2f} "
+            f"| {r['gb_accessed']:.2f} | {r['gb_per_audio_s']:.3f} | {r['traffic_over_io']:.1f} "
+            f"| {r['transcendentals_g']:.2f} "
             f"| {r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {'yes' if r['fits_hbm'] else 'NO'} | {r['gathers']} "
             f"| {r['compile_s']:.0f} | {r['roofline_ms']:.2f} | {r['bound']} | {r['x_real_time']:,.0f} |")
     return "\n".join(lines)
