@@ -155,3 +155,18 @@ def test_unknown_float32_part_is_refused(reference):
     with pytest.raises(ValueError, match="precision="):
         Xcodec2Model.from_pretrained(reference.checkpoint, precision="fp32")
 
+
+
+def test_tpu_flash_attention_equals_xla_attention():
+    """The TPU branch of the attention core (Pallas flash attention, run in interpret mode) against the XLA one."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from xcodec2_jax.nn import layers
+
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, 150, 2, 64)), jnp.float32) for seed in (9, 10, 11))
+    bias = jnp.asarray(_rng(12).standard_normal((2, 2, 150, 150)), jnp.float32)
+    mask = jnp.asarray(np.arange(150)[None, :] < np.array([150, 77])[:, None])
+    want = layers.attention(q, k, v, numerics=Numerics(), bias=bias, key_mask=mask)
+    with pltpu.force_tpu_interpret_mode(), jax.default_matmul_precision("highest"):
+        got = layers._flash_attention(q, k, v, mask, bias, scale=64**-0.5)
+    assert float(jnp.abs(got - want).max()) < 5e-6

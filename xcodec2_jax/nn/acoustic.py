@@ -22,7 +22,7 @@ from flax import nnx
 from ..config import Xcodec2Config
 from . import acoustic_pallas
 from .antialias import polyphase_xla, snake_parameters
-from .layers import Array, Conv1d, Numerics
+from .layers import Array, Conv1d, Numerics, per_device
 
 
 class SnakeBeta(nnx.Module):
@@ -46,7 +46,7 @@ class AntiAliasedActivation(nnx.Module):
         are worth narrowing. The Pallas kernel when lowering for TPU, the XLA form elsewhere.
         """
         alpha, inv_beta = self.parameters()
-        return on_tpu(lambda x, full: acoustic_pallas.per_device(acoustic_pallas.activation, x, full, alpha, inv_beta),
+        return on_tpu(lambda x, full: per_device(acoustic_pallas.activation, x, full, replicated=(alpha, inv_beta)),
                       lambda x, lengths: polyphase_xla(x.astype(jnp.float32), alpha, inv_beta, lengths).astype(x.dtype),
                       x, lengths)
 
@@ -88,7 +88,7 @@ class ResidualUnit(nnx.Module):
         params = (self.snake1.parameters(), (self.conv1.kernel[...], self.conv1.bias[...]), self.snake2.parameters(),
                   (self.conv2.kernel[...], self.conv2.bias[...]))
         dtype = self.conv1.numerics.dtype
-        return on_tpu(lambda x, full: acoustic_pallas.per_device(kernel, x.astype(dtype), full, *params),
+        return on_tpu(lambda x, full: per_device(kernel, x.astype(dtype), full, replicated=params),
                       self.xla, x, lengths)
 
     def xla(self, x: Array, lengths: Array | None) -> Array:

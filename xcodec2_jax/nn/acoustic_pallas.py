@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
 
 from .antialias import DOWN_EVEN, DOWN_ODD, PHASE_TAPS, UP_EVEN, UP_ODD, snake_beta
 
@@ -191,20 +189,6 @@ def _bytes(steps: int, rows: int, block: int, halo: int, out_size: int, itemsize
 
 def _window_scratch(c: int, block: int, margin: int) -> list:
     return [pltpu.VMEM((c, block + 2 * margin), jnp.float32)]
-
-
-def per_device(kernel: Callable[..., Array], x: Array, lengths: Array, *params) -> Array:
-    """``kernel(x, lengths, *params)`` on each device's share of the batch.
-
-    Mosaic kernels cannot be partitioned by XLA: under a mesh (the engine's steps), the kernel runs in a
-    ``shard_map`` with the batch split over all mesh axes and the parameters replicated.
-    """
-    mesh = jax.typeof(x).sharding.mesh
-    if mesh.size <= 1:
-        return kernel(x, lengths, *params)
-    batch = PartitionSpec(mesh.axis_names)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(batch, batch, *[PartitionSpec()] * len(params)),
-                         out_specs=batch, check_vma=False)(x, lengths, *params)
 
 
 @functools.partial(jax.jit, static_argnames="interpret")

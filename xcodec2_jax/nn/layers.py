@@ -14,12 +14,14 @@ like the zero padding it would get alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 Array = jax.Array
 
@@ -189,20 +191,69 @@ class GroupNorm(nnx.Module):
         return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+def per_device(fn: Callable[..., Array], *batched: Array, replicated: tuple = ()) -> Array:
+    """``fn(*batched, *replicated)`` on each device's share of the batch (axis 0 of every ``batched`` array).
+
+    Pallas (Mosaic) kernels cannot be partitioned by XLA: under a mesh (the engine's steps), ``fn`` runs in a
+    ``shard_map`` with the batch split over all mesh axes and ``replicated`` (a tuple of pytrees) copied.
+    Without a mesh, or when the batch does not split evenly, ``fn`` is called as is.
+    """
+    mesh = jax.typeof(batched[0]).sharding.mesh
+    if mesh.size <= 1 or batched[0].shape[0] % mesh.size:
+        return fn(*batched, *replicated)
+    batch, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(*[batch] * len(batched), *[whole] * len(replicated)),
+                         out_specs=batch, check_vma=False)(*batched, *replicated)
+
+
 def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, bias: Array | None = None,
               key_mask: Array | None = None) -> Array:
     """Multi-head softmax attention, the one core every attention layer calls.
 
     Args:
         query, key, value: (B, T, H, D) and (B, S, H, D) in the compute dtype.
-        bias: additive logits (B or 1, H or 1, T, S), already scaled like the scores, or None.
+        bias: additive logits (B, H, T, S), scaled with the scores: ``(q . k + bias) / sqrt(D)``; or None.
         key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
 
-    Returns (B, T, H, D). Scores are ``q . k / sqrt(D) + bias``, softmax in float32 (as Transformers).
-    ``jax.nn.dot_product_attention`` picks the backend (cuDNN flash attention on GPU where it applies);
-    it takes no ``precision``, so the layer's precision is set as the default for the matmuls it traces.
+    Returns (B, T, H, D); softmax in float32 (as Transformers). ``jax.nn.dot_product_attention`` (cuDNN
+    flash attention on GPU where it applies) everywhere but TPU, where the Pallas flash-attention kernel
+    keeps the (T, S) scores in VMEM instead of writing them to HBM several times. Neither takes a
+    ``precision``, so the layer's precision is set as the default for the matmuls they trace.
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    scale = query.shape[-1] ** -0.5
+
+    def xla(q: Array, k: Array, v: Array) -> Array:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias * scale, mask=mask,
+                                            scale=scale)
+
+    def tpu(q: Array, k: Array, v: Array) -> Array:
+        valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+        extra = () if bias is None else (bias,)
+        return per_device(functools.partial(_flash_attention, scale=scale), q, k, v, valid, *extra)
+
     with jax.default_matmul_precision(numerics.precision_name):
-        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
-                                            scale=query.shape[-1] ** -0.5)
+        return jax.lax.platform_dependent(query, key, value, tpu=tpu, default=xla)
+
+
+_FLASH_BLOCK = 128  # the Pallas TPU flash-attention kernel's block along both sequence axes
+
+
+def _flash_attention(query: Array, key: Array, value: Array, key_mask: Array, bias: Array | None = None, *,
+                     scale: float) -> Array:
+    """The TPU kernel (layout (B, H, T, D), lengths padded to its block) on (B, T, H, D) inputs.
+
+    Keys are masked with segment ids: queries are segment 1, valid keys 1, masked and padding keys 0.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as flash
+
+    t, s = query.shape[1], key.shape[1]
+    pad_t, pad_s = -t % _FLASH_BLOCK, -s % _FLASH_BLOCK
+    heads_first = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    q, k, v = heads_first(query, pad_t), heads_first(key, pad_s), heads_first(value, pad_s)
+    if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
+    segments = flash.SegmentIds(q=jnp.ones((q.shape[0], q.shape[2]), jnp.int32),
+                                kv=jnp.pad(key_mask, ((0, 0), (0, pad_s))).astype(jnp.int32))
+    out = flash.flash_attention(q, k, v, ab=bias, segment_ids=segments, sm_scale=scale)
+    return out.transpose(0, 2, 1, 3)[:, :t]

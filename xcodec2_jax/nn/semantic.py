@@ -86,8 +86,7 @@ class SelfAttention(nnx.Module):
         split = lambda h: h.reshape(b, f, self.num_heads, self.head_size)
         q, k, v = split(self.linear_q(x)), split(self.linear_k(x)), split(self.linear_v(x))
         # Transformers adds the relative term scaled like the scores: (q.k + q.e) / sqrt(head_size).
-        bias = relative_key_logits(q, self.distance_embedding.embedding[...], self.left, self.right,
-                                   self.numerics) * self.head_size**-0.5
+        bias = relative_key_logits(q, self.distance_embedding.embedding[...], self.left, self.right, self.numerics)
         out = attention(q, k, v, numerics=self.numerics, bias=bias, key_mask=mask)
         return self.linear_out(out.reshape(b, f, -1))
 
