@@ -170,3 +170,14 @@ def test_tpu_flash_attention_equals_xla_attention():
     with pltpu.force_tpu_interpret_mode(), jax.default_matmul_precision("highest"):
         got = layers._flash_attention(q, k, v, mask, bias, scale=64**-0.5)
     assert float(jnp.abs(got - want).max()) < 5e-6
+
+
+def test_tpu_input_conv_equals_xla_conv():
+    from xcodec2_jax.nn.acoustic import AcousticEncoder, time_mask
+
+    tiny = Xcodec2Config(hidden_size=64, encoder_hidden_size=8, quantization_dim=64 + 1024)
+    encoder = AcousticEncoder(tiny, numerics=Numerics(), rngs=nnx.Rngs(13))
+    wave = jnp.asarray(_rng(14).standard_normal((2, 1, 3200)), jnp.float32)
+    lengths = jnp.asarray([3200, 1280])
+    want = encoder.conv1(wave, time_mask(lengths, 3200))
+    assert float(jnp.abs(encoder.mono_fir(wave, lengths) - want).max()) < 2e-6

@@ -135,9 +135,23 @@ class AcousticEncoder(nnx.Module):
 
     def __call__(self, waveform: Array, lengths: Array | None = None) -> Array:
         """``lengths`` (B,) valid samples per item (multiples of the hop length), or None."""
-        x = self.conv1(waveform, time_mask(lengths, waveform.shape[-1]))
+        x = on_tpu(self.mono_fir, lambda w, lengths: self.conv1(w, time_mask(lengths, w.shape[-1])), waveform, lengths)
         for block in self.block:
             x, lengths = block(x, lengths)
         x = self.snake1(x, lengths)
         x = self.conv2(x, time_mask(lengths, x.shape[-1]))
         return x.transpose(0, 2, 1)
+
+    def mono_fir(self, waveform: Array, lengths: Array) -> Array:
+        """conv1 on TPU: one input channel, so k broadcast multiply-adds, (B, 1, T) -> (B, C, T).
+
+        A TPU convolution puts channels on the 128 lanes: with one input channel it would pad the
+        waveform 128x. This is one elementwise pass writing the time-minor output the kernels read.
+        """
+        conv, t = self.conv1, waveform.shape[-1]
+        dtype, (left, right) = conv.numerics.dtype, conv.padding
+        x = jnp.where(time_mask(lengths, t), waveform.astype(dtype), 0)
+        x = jnp.pad(x, ((0, 0), (0, 0), (left, right)))
+        kernel = conv.kernel[...][:, 0, :, None].astype(dtype)  # (k, C, 1)
+        out = sum(kernel[k] * x[..., k:k + t] for k in range(kernel.shape[0]))
+        return out + conv.bias[...][:, None].astype(dtype)
