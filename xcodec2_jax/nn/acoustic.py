@@ -80,7 +80,7 @@ class ResidualUnit(nnx.Module):
         self.conv2 = Conv1d(channels, channels, 1, channels_first=True, numerics=numerics, rngs=rngs)
 
     def __call__(self, x: Array, lengths: Array | None = None) -> Array:
-        """x (B, C, T) -> (B, C, T); on TPU one Pallas kernel (up to 256 channels)."""
+        """x (B, C, T) -> (B, C, T); on TPU one Pallas kernel (up to 384 channels)."""
         if x.shape[1] > acoustic_pallas.RESIDUAL_UNIT_MAX_CHANNELS:
             return self.xla(x, lengths)
         kernel = functools.partial(acoustic_pallas.residual_unit, dilation=self.conv1.dilation,

@@ -122,6 +122,7 @@ def _conv(src_ref, offset: int, width: int, weights_ref, bias: Array, dilation: 
     taps = weights_ref.shape[0]
     base = offset - taps // 2 * dilation
     dtype = weights_ref.dtype
+    precision = precision if dtype == jnp.float32 else None  # Mosaic takes no precision for bf16 operands
     out = None
     for k in range(taps):
         src = src_ref[:, base + k * dilation:base + k * dilation + width].astype(dtype)
@@ -151,7 +152,8 @@ def _residual_unit_kernel(lengths_ref, alpha1_ref, inv_beta1_ref, w1_ref, b1_ref
 
     act = _activation(hidden_ref, hm, start, block, length, alpha2_ref[...], inv_beta2_ref[...], even_ref,
                       odd_ref).astype(dtype)
-    update = jnp.dot(w2_ref[0], act, precision=precision, preferred_element_type=jnp.float32)
+    update = jnp.dot(w2_ref[0], act, precision=precision if dtype == jnp.float32 else None,
+                     preferred_element_type=jnp.float32)
     update = update.astype(dtype) + b2_ref[...].astype(dtype)
     out_ref[0] = (inputs[len(inputs) // 2][0] + update).astype(dtype)
 
@@ -220,9 +222,9 @@ def activation(x: Array, lengths: Array, alpha: Array, inv_beta: Array, interpre
     )(lengths.astype(jnp.int32), alpha, inv_beta, *[x] * copies)
 
 
-# Channels above which the residual-unit kernel is not used: its weights (7 C^2) must sit in VMEM, and at
-# 384+ channels XLA's convolutions are lane-dense anyway.
-RESIDUAL_UNIT_MAX_CHANNELS = 256
+# Channels above which the residual-unit kernel is not used: its weights (7 C^2, double-buffered) must sit
+# in VMEM beside the blocks; 768 channels in float32 do not (measured: VMEM OOM at compile time).
+RESIDUAL_UNIT_MAX_CHANNELS = 384
 
 
 @functools.partial(jax.jit, static_argnames=("dilation", "precision", "interpret"))
