@@ -114,6 +114,13 @@ def _activation_kernel(lengths_ref, alpha_ref, inv_beta_ref, *refs, block: int, 
     out_ref[0] = out.astype(out_ref.dtype)
 
 
+def _matmul(weights: Array, x: Array, precision) -> Array:
+    """(O, I) @ (I, W) on the matrix unit, float32 accumulation; ``precision`` applies to float32 operands
+    (Mosaic takes none for bf16 ones)."""
+    precision = precision if weights.dtype == jnp.float32 else None
+    return jnp.dot(weights, x.astype(weights.dtype), precision=precision, preferred_element_type=jnp.float32)
+
+
 def _conv(src_ref, offset: int, width: int, weights_ref, bias: Array, dilation: int, precision) -> Array:
     """'Same' conv at [start, start + width) as per-tap matmuls: sum_k W_k (O, I) @ src (I, width) + bias.
 
@@ -121,13 +128,11 @@ def _conv(src_ref, offset: int, width: int, weights_ref, bias: Array, dilation: 
     """
     taps = weights_ref.shape[0]
     base = offset - taps // 2 * dilation
-    dtype = weights_ref.dtype
-    precision = precision if dtype == jnp.float32 else None  # Mosaic takes no precision for bf16 operands
     out = None
     for k in range(taps):
-        src = src_ref[:, base + k * dilation:base + k * dilation + width].astype(dtype)
-        term = jnp.dot(weights_ref[k], src, precision=precision, preferred_element_type=jnp.float32)
+        term = _matmul(weights_ref[k], src_ref[:, base + k * dilation:base + k * dilation + width], precision)
         out = term if out is None else out + term
+    dtype = weights_ref.dtype
     return out.astype(dtype) + bias.astype(dtype)
 
 
@@ -152,9 +157,7 @@ def _residual_unit_kernel(lengths_ref, alpha1_ref, inv_beta1_ref, w1_ref, b1_ref
 
     act = _activation(hidden_ref, hm, start, block, length, alpha2_ref[...], inv_beta2_ref[...], even_ref,
                       odd_ref).astype(dtype)
-    update = jnp.dot(w2_ref[0], act, precision=precision if dtype == jnp.float32 else None,
-                     preferred_element_type=jnp.float32)
-    update = update.astype(dtype) + b2_ref[...].astype(dtype)
+    update = _matmul(w2_ref[0], act, precision).astype(dtype) + b2_ref[...].astype(dtype)
     out_ref[0] = (inputs[len(inputs) // 2][0] + update).astype(dtype)
 
 
