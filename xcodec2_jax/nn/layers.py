@@ -232,7 +232,9 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, bia
         extra = () if bias is None else (bias,)
         return per_device(functools.partial(_flash_attention, scale=scale), q, k, v, valid, *extra)
 
-    with jax.default_matmul_precision(numerics.precision_name):
+    # bf16 operands take one pass whatever the precision (and Mosaic refuses one for them).
+    precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
+    with jax.default_matmul_precision(precision):
         return jax.lax.platform_dependent(query, key, value, tpu=tpu, default=xla)
 
 
