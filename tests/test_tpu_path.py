@@ -173,18 +173,23 @@ def test_unknown_float32_part_is_refused(reference):
 
 
 
-def test_tpu_flash_attention_equals_xla_attention():
-    """The TPU branch of the attention core (Pallas flash attention, run in interpret mode) against the XLA one."""
-    from jax.experimental.pallas import tpu as pltpu
+@pytest.mark.parametrize("relative", [True, False])
+def test_tpu_flash_attention_equals_xla_attention(relative):
+    """The TPU attention kernel (interpret mode) against the XLA attention, relative-key logits included."""
+    from xcodec2_jax.nn import attention_pallas
+    from xcodec2_jax.nn.layers import RelativeKey, attention
 
-    from xcodec2_jax.nn import layers
-
-    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, 150, 2, 64)), jnp.float32) for seed in (9, 10, 11))
-    bias = jnp.asarray(_rng(12).standard_normal((2, 2, 150, 150)), jnp.float32)
-    mask = jnp.asarray(np.arange(150)[None, :] < np.array([150, 77])[:, None])
-    want = layers.attention(q, k, v, numerics=Numerics(), bias=bias, key_mask=mask)
-    with pltpu.force_tpu_interpret_mode(), jax.default_matmul_precision("highest"):
-        got = layers._flash_attention(q, k, v, mask, bias, scale=64**-0.5)
+    t = 300  # 3 x 3 blocks of 128 after padding: band, clamped-only and padded tiles
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, t, 2, 64)), jnp.float32) for seed in (9, 10, 11))
+    table = jnp.asarray(_rng(12).standard_normal((73, 64)), jnp.float32)
+    rel = RelativeKey(table, 64, 8) if relative else None
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([t, 77])[:, None])
+    want = attention(q, k, v, numerics=Numerics(), relative=rel, key_mask=mask)
+    extra = (rel.by_distance(q, Numerics()),) if relative else ()
+    with jax.default_matmul_precision("highest"):
+        got = attention_pallas.flash_attention(q, k, v, mask, *extra, left=64 if relative else 0,
+                                               right=8 if relative else 0, precision=jax.lax.Precision.HIGHEST,
+                                               interpret=True)
     assert float(jnp.abs(got - want).max()) < 5e-6
 
 

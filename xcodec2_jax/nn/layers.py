@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from . import attention_pallas
+
 Array = jax.Array
 
 
@@ -206,56 +208,60 @@ def per_device(fn: Callable[..., Array], *batched: Array, replicated: tuple = ()
                          out_specs=batch, check_vma=False)(*batched, *replicated)
 
 
-def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, bias: Array | None = None,
+@dataclasses.dataclass(frozen=True)
+class RelativeKey:
+    """Shaw relative-key logits ``q_l . table[clip(r - l, -left, right) + left]`` (Wav2Vec2-BERT's)."""
+
+    table: Array  # (left + right + 1, head_dim)
+    left: int
+    right: int
+
+    def by_distance(self, query: Array, numerics: Numerics) -> Array:
+        """q . table^T, one logit per distance: (B, T, H, D) -> (B, H, T, left + right + 1)."""
+        return jnp.einsum("blhd,nd->bhln", query, self.table.astype(query.dtype), precision=numerics.precision)
+
+    def logits(self, query: Array, numerics: Numerics) -> Array:
+        """The (B, H, T, T) logits: each (l, r) picks its distance by a contraction with a one-hot
+        (T, T, distances) built from iotas, a matmul rather than a gather (take_along_axis)."""
+        t = query.shape[1]
+        positions = jnp.arange(t)
+        distance = jnp.clip(positions[None, :] - positions[:, None], -self.left, self.right) + self.left
+        by_distance = self.by_distance(query, numerics)
+        one_hot = jax.nn.one_hot(distance, self.left + self.right + 1, dtype=by_distance.dtype)
+        return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
+
+
+def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, relative: RelativeKey | None = None,
               key_mask: Array | None = None) -> Array:
     """Multi-head softmax attention, the one core every attention layer calls.
 
     Args:
         query, key, value: (B, T, H, D) and (B, S, H, D) in the compute dtype.
-        bias: additive logits (B, H, T, S), scaled with the scores: ``(q . k + bias) / sqrt(D)``; or None.
+        relative: relative-key logits added to ``q . k`` before scaling (S == T), or None.
         key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
 
-    Returns (B, T, H, D); softmax in float32 (as Transformers). ``jax.nn.dot_product_attention`` (cuDNN
-    flash attention on GPU where it applies) everywhere but TPU, where the Pallas flash-attention kernel
-    keeps the (T, S) scores in VMEM instead of writing them to HBM several times. Neither takes a
-    ``precision``, so the layer's precision is set as the default for the matmuls they trace.
+    Returns (B, T, H, D): ``softmax((q . k + relative) / sqrt(D))`` over the valid keys, softmax in
+    float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` (cuDNN flash
+    attention on GPU where it applies). On TPU: the Pallas flash-attention kernel of
+    :mod:`.attention_pallas`, which builds the relative logits in VMEM instead of writing a (T, S) bias
+    to HBM. Neither takes a ``precision``: the layer's precision is set as the default for the matmuls
+    they trace (bf16 operands take one pass whatever it is).
     """
     scale = query.shape[-1] ** -0.5
 
     def xla(q: Array, k: Array, v: Array) -> Array:
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias * scale, mask=mask,
-                                            scale=scale)
+        bias = None if relative is None else relative.logits(q, numerics) * scale
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
 
     def tpu(q: Array, k: Array, v: Array) -> Array:
         valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
-        extra = () if bias is None else (bias,)
-        return per_device(functools.partial(_flash_attention, scale=scale), q, k, v, valid, *extra)
+        kernel = functools.partial(attention_pallas.flash_attention, precision=numerics.precision,
+                                   left=0 if relative is None else relative.left,
+                                   right=0 if relative is None else relative.right)
+        extra = () if relative is None else (relative.by_distance(q, numerics),)
+        return per_device(kernel, q, k, v, valid, *extra)
 
-    # bf16 operands take one pass whatever the precision (and Mosaic refuses one for them).
     precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
     with jax.default_matmul_precision(precision):
         return jax.lax.platform_dependent(query, key, value, tpu=tpu, default=xla)
-
-
-_FLASH_BLOCK = 128  # the Pallas TPU flash-attention kernel's block along both sequence axes
-
-
-def _flash_attention(query: Array, key: Array, value: Array, key_mask: Array, bias: Array | None = None, *,
-                     scale: float) -> Array:
-    """The TPU kernel (layout (B, H, T, D), lengths padded to its block) on (B, T, H, D) inputs.
-
-    Keys are masked with segment ids: queries are segment 1, valid keys 1, masked and padding keys 0.
-    """
-    from jax.experimental.pallas.ops.tpu import flash_attention as flash
-
-    t, s = query.shape[1], key.shape[1]
-    pad_t, pad_s = -t % _FLASH_BLOCK, -s % _FLASH_BLOCK
-    heads_first = lambda x, pad: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-    q, k, v = heads_first(query, pad_t), heads_first(key, pad_s), heads_first(value, pad_s)
-    if bias is not None:
-        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
-    segments = flash.SegmentIds(q=jnp.ones((q.shape[0], q.shape[2]), jnp.int32),
-                                kv=jnp.pad(key_mask, ((0, 0), (0, pad_s))).astype(jnp.int32))
-    out = flash.flash_attention(q, k, v, ab=bias, segment_ids=segments, sm_scale=scale)
-    return out.transpose(0, 2, 1, 3)[:, :t]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import SemanticConfig
-from .layers import Array, Conv1d, LayerNorm, Linear, Numerics, activation, attention
+from .layers import Array, Conv1d, LayerNorm, Linear, Numerics, RelativeKey, activation, attention
 
 
 class FeatureProjection(nnx.Module):
@@ -49,22 +49,6 @@ class Embedding(nnx.Module):
         self.embedding = nnx.Param(jax.random.normal(rngs.params(), (rows, features), numerics.param_dtype))
 
 
-def relative_key_logits(query: Array, table: Array, left: int, right: int, numerics: Numerics) -> Array:
-    """Shaw relative-key logits ``q_l . E[clip(r - l, -left, right) + left]``: (B, F, H, D) -> (B, H, F, F).
-
-    ``q @ E^T`` is computed once per distance, (B, H, F, left + right + 1); each (l, r) then picks its
-    distance by a contraction with a one-hot (F, F, distances) built from iotas. That is a matmul, which
-    TPUs and GPUs run on the matrix unit; the gather it replaces (``take_along_axis``) moved ~50x more
-    bytes on TPU than the whole rest of the encoder.
-    """
-    f, distances = query.shape[1], left + right + 1
-    by_distance = jnp.einsum("blhd,nd->bhln", query, table.astype(query.dtype), precision=numerics.precision)
-    positions = jnp.arange(f)
-    distance = jnp.clip(positions[None, :] - positions[:, None], -left, right) + left  # (l, r)
-    one_hot = jax.nn.one_hot(distance, distances, dtype=by_distance.dtype)
-    return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
-
-
 class SelfAttention(nnx.Module):
     """Multi-head attention with Shaw relative-key position bias, distances clamped to [-left, right]."""
 
@@ -86,8 +70,8 @@ class SelfAttention(nnx.Module):
         split = lambda h: h.reshape(b, f, self.num_heads, self.head_size)
         q, k, v = split(self.linear_q(x)), split(self.linear_k(x)), split(self.linear_v(x))
         # Transformers adds the relative term scaled like the scores: (q.k + q.e) / sqrt(head_size).
-        bias = relative_key_logits(q, self.distance_embedding.embedding[...], self.left, self.right, self.numerics)
-        out = attention(q, k, v, numerics=self.numerics, bias=bias, key_mask=mask)
+        relative = RelativeKey(self.distance_embedding.embedding[...], self.left, self.right)
+        out = attention(q, k, v, numerics=self.numerics, relative=relative, key_mask=mask)
         return self.linear_out(out.reshape(b, f, -1))
 
 
