@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from xcodec2_jax.nn.acoustic import sin_squared
+from xcodec2_jax.nn.antialias import sin_squared
 from xcodec2_jax.nn.quantizer import FSQ
 
 

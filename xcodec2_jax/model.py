@@ -31,7 +31,7 @@ from .config import Xcodec2Config
 from .engine import Engine, EngineSettings
 from .errors import ConfigError
 from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, resolve_checkpoint_dir
-from .nn.codec import Xcodec2Codec
+from .nn.codec import DEFAULT_FLOAT32_PARTS, Xcodec2Codec
 from .nn.layers import Numerics
 from .weights import TRAINING_ONLY, load_params, open_checkpoint, save_flax_params, transformers_state
 
@@ -135,14 +135,17 @@ class Xcodec2Model:
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0) -> Xcodec2Model:
-        """A randomly initialised model (for tests and training from scratch)."""
-        codec = Xcodec2Codec(config, numerics=Numerics.for_dtype(dtype), rngs=nnx.Rngs(seed))
+    def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0, precision: str = "highest",
+                    float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> Xcodec2Model:
+        """A randomly initialised model (for tests and training from scratch); arguments as :meth:`from_pretrained`."""
+        codec = Xcodec2Codec(config, numerics=Numerics.create(dtype, precision), float32_parts=float32_parts,
+                             rngs=nnx.Rngs(seed))
         return cls(config, codec)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, dtype=jnp.float32,
-                        revision: str | None = None) -> Xcodec2Model:
+    def from_pretrained(cls, path_or_repo_id: str | Path, dtype=jnp.float32, revision: str | None = None,
+                        precision: str = "highest",
+                        float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> Xcodec2Model:
         """Load a checkpoint of any known layout, converted on the fly on the host.
 
         Transformers' X-Codec2 and NeuCodec, the original ``xcodec2`` 0.1.5 release and its fine-tunes
@@ -152,14 +155,24 @@ class Xcodec2Model:
             path_or_repo_id: a local directory (``config.json`` + ``model.safetensors``, a sharded
                 ``model.safetensors.index.json``, or ``flax_model.safetensors``) or a Hub repo id such
                 as ``"HKUSTAudio/xcodec2-hf"``. The Hub cache and ``HF_HUB_OFFLINE`` are respected.
-            dtype: ``jnp.float32`` (default, full-precision ops) or ``jnp.bfloat16`` (matmuls and convs
-                in bf16; norms, FSQ and ISTFT stay float32).
+            dtype: compute dtype, ``jnp.float32`` (default) or ``jnp.bfloat16``: matmuls and convs in bf16
+                except ``float32_parts``; norms, FSQ, the anti-aliased activations and the ISTFT head stay
+                float32. Parameters are stored in float32 either way.
             revision: Hub branch, tag or commit.
+            precision: matmul/conv precision for float32 operands, passed to every matmul and conv:
+                "highest" (default; float32 accuracy: 6 bf16 passes on TPU, full fp32 on GPU), "high"
+                (3 bf16 passes on TPU, TF32 on GPU) or "default" (1 bf16 pass on TPU, TF32 on GPU). Lower
+                precision is faster on TPU/GPU and flips FSQ codes (~2% at "default"); it changes nothing
+                on CPU.
+            float32_parts: parts kept in float32 when ``dtype`` is bf16/fp16 (see
+                ``xcodec2_jax.nn.codec.PARTS``); the default keeps fc_encoder -> project_in, whose output
+                FSQ rounds to pick the codes.
         """
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
         config, source, flax = open_checkpoint(directory)
-        numerics = Numerics.for_dtype(dtype)
-        abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=_KeyStream()))
+        numerics = Numerics.create(dtype, precision)
+        abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, float32_parts=float32_parts,
+                                                       rngs=_KeyStream()))
         nnx.update(abstract, load_params(abstract, source, flax=flax))
         return cls(config, abstract)
 

@@ -17,19 +17,35 @@ from .layers import Array, Linear, Numerics
 from .quantizer import Quantizer
 from .semantic import SemanticAdapter, SemanticEncoder
 
+# Parts that a reduced-precision policy can keep in float32 (``float32_parts``). "quantizer_input" is
+# fc_encoder -> project_in, whose output FSQ rounds to pick the codes.
+PARTS = ("semantic_encoder", "semantic_adapter", "acoustic_encoder", "quantizer_input", "acoustic_decoder")
+# The default bf16/fp16 policy, chosen from the agreement table in benchmarks/RESULTS.md (issue 10).
+DEFAULT_FLOAT32_PARTS = ("quantizer_input",)
+
 
 class Xcodec2Codec(nnx.Module):
-    """Semantic + acoustic encoders, fc_encoder, FSQ quantizer and Vocos decoder."""
+    """Semantic + acoustic encoders, fc_encoder, FSQ quantizer and Vocos decoder.
 
-    def __init__(self, config: Xcodec2Config, *, numerics: Numerics | None = None, rngs: nnx.Rngs):
+    ``numerics`` is the compute policy; the parts named in ``float32_parts`` (see :data:`PARTS`) compute
+    in float32 whatever its dtype. Norms, FSQ, the anti-aliased activations and the ISTFT head always do.
+    """
+
+    def __init__(self, config: Xcodec2Config, *, numerics: Numerics | None = None,
+                 float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS, rngs: nnx.Rngs):
         numerics = numerics or Numerics()
+        unknown = sorted(set(float32_parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"float32_parts={unknown} are not parts of the codec; expected some of {PARTS}")
+        part = lambda name: numerics.float32() if name in float32_parts else numerics
         fused = config.hidden_size + config.semantic.hidden_size
-        self.semantic_encoder = SemanticEncoder(config.semantic, numerics=numerics, rngs=rngs)
-        self.semantic_adapter = SemanticAdapter(config.semantic, numerics=numerics, rngs=rngs)
-        self.acoustic_encoder = AcousticEncoder(config, numerics=numerics, rngs=rngs)
-        self.fc_encoder = Linear(fused, fused, numerics=numerics, rngs=rngs)
-        self.quantizer = Quantizer(config, numerics=numerics, rngs=rngs)
-        self.acoustic_decoder = VocosDecoder(config, numerics=numerics, rngs=rngs)
+        self.semantic_encoder = SemanticEncoder(config.semantic, numerics=part("semantic_encoder"), rngs=rngs)
+        self.semantic_adapter = SemanticAdapter(config.semantic, numerics=part("semantic_adapter"), rngs=rngs)
+        self.acoustic_encoder = AcousticEncoder(config, numerics=part("acoustic_encoder"), rngs=rngs)
+        self.fc_encoder = Linear(fused, fused, numerics=part("quantizer_input"), rngs=rngs)
+        self.quantizer = Quantizer(config, numerics=part("acoustic_decoder"),
+                                   input_numerics=part("quantizer_input"), rngs=rngs)
+        self.acoustic_decoder = VocosDecoder(config, numerics=part("acoustic_decoder"), rngs=rngs)
         self.hop_length = config.hop_length
         self.semantic_frame_lag = config.semantic_frame_lag
         self.numerics = numerics
@@ -56,12 +72,16 @@ class Xcodec2Codec(nnx.Module):
             frames = jnp.arange(features.shape[1])
             semantic_frames = sample_lengths // self.hop_length - self.semantic_frame_lag
             semantic_mask = frames[None, :] < semantic_frames[:, None]
-        semantic = self.semantic_encoder(features.astype(self.numerics.dtype), feature_mask)
+        # Each layer casts its input to its own compute dtype.
+        semantic = self.semantic_encoder(features, feature_mask)
         semantic = self.semantic_adapter(semantic, semantic_mask)
-        acoustic = self.acoustic_encoder(waveform.astype(self.numerics.dtype), sample_lengths)
+        acoustic = self.acoustic_encoder(waveform, sample_lengths)
         frames = min(semantic.shape[1], acoustic.shape[1])
-        fused = jnp.concatenate([semantic[:, :frames], acoustic[:, :frames].astype(semantic.dtype)], axis=-1)
-        fused = self.fc_encoder(fused)
+        return self.quantize(semantic[:, :frames], acoustic[:, :frames])
+
+    def quantize(self, semantic: Array, acoustic: Array) -> tuple[Array, Array]:
+        """Semantic (B, F, semantic hidden) and acoustic (B, F, hidden) features -> (codes, latents)."""
+        fused = self.fc_encoder(jnp.concatenate([semantic, acoustic.astype(semantic.dtype)], axis=-1))
         latents, codes = self.quantizer(fused)
         return codes, latents
 
@@ -70,7 +90,7 @@ class Xcodec2Codec(nnx.Module):
 
         ``frame_lengths`` (B,) valid frames per item makes decoding padding-exact; None: all valid.
         """
-        return self.acoustic_decoder(latents.astype(self.numerics.dtype), frame_lengths)
+        return self.acoustic_decoder(latents, frame_lengths)
 
     def latents_from_codes(self, codes: Array) -> Array:
         """codes (B, F) int -> quantized latents (B, F, D)."""

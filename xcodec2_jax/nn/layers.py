@@ -5,40 +5,68 @@ Parameter layouts follow Flax conventions: Linear kernels are (in, out), Conv1d 
 explicitly: on GPU/TPU the default precision is TF32/bf16-like and flips about 2% of the codes, so the
 float32 policy asks for ``HIGHEST`` op by op instead of flipping a global flag.
 
-Masks are float arrays of 0/1 broadcastable to the activations (``(B, T, 1)`` channels-last,
-``(B, 1, T)`` channels-first). A conv given a mask zeroes masked positions first, so an item's zero
-padding inside a batch looks exactly like the zero padding it would get alone.
+Masks are boolean arrays broadcastable to the activations (``(B, T, 1)`` channels-last, ``(B, 1, T)``
+channels-first). A conv given a mask zeroes masked positions first (with ``jnp.where``, so a NaN or Inf
+in the padding cannot leak into valid frames), so an item's zero padding inside a batch looks exactly
+like the zero padding it would get alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
+
+from . import attention_pallas
 
 Array = jax.Array
 
 
+PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": jax.lax.Precision.DEFAULT,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """Compute dtype and matmul/conv precision. Norms, FSQ and the ISTFT always run in float32."""
+    """Compute dtype, parameter storage dtype and matmul/conv precision of a layer.
+
+    ``precision`` (see :data:`PRECISIONS`) applies to float32 operands: on TPU "highest" is 6 bf16 passes
+    (float32 accuracy), "high" 3 passes (bf16x3, ~16 mantissa bits), "default" one bf16 pass; on NVIDIA
+    GPUs "highest" is true float32 and "high"/"default" allow TF32. bfloat16 operands take one pass
+    whatever the precision. Parameters are stored in ``param_dtype`` (float32) and cast to ``dtype`` where
+    they are used. Norms, FSQ and the ISTFT always run in float32.
+    """
 
     dtype: jnp.dtype = jnp.float32
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+    param_dtype: jnp.dtype = jnp.float32
 
     @classmethod
-    def for_dtype(cls, dtype) -> Numerics:
-        """float32 -> full-precision ops; bfloat16/float16 -> the backend's fast default."""
+    def create(cls, dtype=jnp.float32, precision: str = "highest") -> Numerics:
+        """Validated constructor: ``dtype`` float32/bfloat16/float16, ``precision`` a key of PRECISIONS."""
         dtype = jnp.dtype(dtype)
-        if dtype == jnp.float32:
-            return cls(jnp.float32, jax.lax.Precision.HIGHEST)
-        if dtype in (jnp.bfloat16, jnp.float16):
-            return cls(dtype, jax.lax.Precision.DEFAULT)
-        raise ValueError(f"dtype={dtype} is not supported; expected float32, bfloat16 or float16")
+        if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            raise ValueError(f"dtype={dtype} is not supported; expected float32, bfloat16 or float16")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not supported; expected one of {tuple(PRECISIONS)}")
+        return cls(dtype, PRECISIONS[precision])
+
+    def float32(self) -> Numerics:
+        """The same policy computing in float32: for the layers whose outputs pick FSQ codes or feed the ISTFT."""
+        return dataclasses.replace(self, dtype=jnp.float32)
+
+    @property
+    def precision_name(self) -> str:
+        return next(name for name, p in PRECISIONS.items() if p == self.precision)
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -63,14 +91,14 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                  numerics: Numerics, rngs: nnx.Rngs):
         bound = 1 / math.sqrt(in_features)
-        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound, numerics.dtype))
-        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound, numerics.dtype)) if use_bias else None
+        self.kernel = nnx.Param(_uniform(rngs, (in_features, out_features), bound, numerics.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs, (out_features,), bound, numerics.param_dtype)) if use_bias else None
         self.numerics = numerics
 
     def __call__(self, x: Array) -> Array:
-        x = x.astype(self.numerics.dtype)
-        y = jnp.matmul(x, self.kernel[...], precision=self.numerics.precision)
-        return y if self.bias is None else y + self.bias[...]
+        dtype = self.numerics.dtype
+        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype), precision=self.numerics.precision)
+        return y if self.bias is None else y + self.bias[...].astype(dtype)
 
 
 class Conv1d(nnx.Module):
@@ -84,24 +112,26 @@ class Conv1d(nnx.Module):
                  use_bias: bool = True, channels_first: bool = False, numerics: Numerics, rngs: nnx.Rngs):
         bound = math.sqrt(groups / (in_channels * kernel_size))
         shape = (kernel_size, in_channels // groups, out_channels)
-        self.kernel = nnx.Param(_uniform(rngs, shape, bound, numerics.dtype))
-        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, numerics.dtype)) if use_bias else None
+        self.kernel = nnx.Param(_uniform(rngs, shape, bound, numerics.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs, (out_channels,), bound, numerics.param_dtype)) if use_bias else None
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.channels_first = channels_first
         self.numerics = numerics
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        if mask is not None:
-            x = x * mask.astype(x.dtype)
+        """``mask`` boolean, broadcastable to ``x``: positions where it is False enter as zeros."""
+        dtype = self.numerics.dtype
+        x = x.astype(dtype) if mask is None else jnp.where(mask, x.astype(dtype), 0)
         layout = ("NCH", "HIO", "NCH") if self.channels_first else ("NHC", "HIO", "NHC")
         y = jax.lax.conv_general_dilated(
-            x.astype(self.numerics.dtype), self.kernel[...],
+            x, self.kernel[...].astype(dtype),
             window_strides=(self.stride,), padding=(self.padding,), rhs_dilation=(self.dilation,),
             dimension_numbers=layout, feature_group_count=self.groups, precision=self.numerics.precision,
         )
         if self.bias is None:
             return y
-        return y + (self.bias[...][:, None] if self.channels_first else self.bias[...])
+        bias = self.bias[...].astype(dtype)
+        return y + (bias[:, None] if self.channels_first else bias)
 
 
 class LayerNorm(nnx.Module):
@@ -138,9 +168,9 @@ class RMSNorm(nnx.Module):
 class GroupNorm(nnx.Module):
     """GroupNorm over (time, channels-in-group) of (B, T, C), float32 statistics.
 
-    With ``mask`` (B, T, 1) the statistics use only each item's valid frames, which is what that item
-    would get if it were normalised alone. With ``memory`` (streaming decode) they also pool the
-    :meth:`moments` of frames outside ``x``.
+    With ``mask`` (B, T, 1) boolean the statistics use only each item's valid frames, which is what that
+    item would get if it were normalised alone; an item with no valid frame gets finite garbage, not NaN.
+    With ``memory`` (streaming decode) they also pool the :meth:`moments` of frames outside ``x``.
     """
 
     def __init__(self, num_groups: int, features: int, *, eps: float, rngs: nnx.Rngs):
@@ -164,10 +194,10 @@ class GroupNorm(nnx.Module):
             mean = h.mean((1, 3), keepdims=True)
             var = jnp.square(h - mean).mean((1, 3), keepdims=True)
         else:
-            w = mask.astype(jnp.float32)[..., None]  # (B, T, 1, 1)
-            count = w.sum(1, keepdims=True) * (c // self.num_groups)
-            mean = (h * w).sum((1, 3), keepdims=True) / count
-            var = (jnp.square(h - mean) * w).sum((1, 3), keepdims=True) / count
+            valid = mask[..., None]  # (B, T, 1, 1)
+            count = jnp.maximum(valid.sum(1, keepdims=True), 1) * (c // self.num_groups)
+            mean = jnp.where(valid, h, 0).sum((1, 3), keepdims=True) / count
+            var = jnp.where(valid, jnp.square(h - mean), 0).sum((1, 3), keepdims=True) / count
         h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, t, c)
         return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
 
@@ -180,3 +210,76 @@ class GroupNorm(nnx.Module):
         count = jnp.full_like(mean, c // self.num_groups)
         frame = jnp.stack([count, mean, jnp.square(h - mean[..., None]).sum(-1)], axis=-1)
         return frame if mask is None else jnp.where(mask[..., None] > 0, frame, 0.0)
+
+def per_device(fn: Callable[..., Array], *batched: Array, replicated: tuple = ()) -> Array:
+    """``fn(*batched, *replicated)`` on each device's share of the batch (axis 0 of every ``batched`` array).
+
+    Pallas (Mosaic) kernels cannot be partitioned by XLA: under a mesh (the engine's steps), ``fn`` runs in a
+    ``shard_map`` with the batch split over all mesh axes and ``replicated`` (a tuple of pytrees) copied.
+    Without a mesh, or when the batch does not split evenly, ``fn`` is called as is.
+    """
+    mesh = jax.typeof(batched[0]).sharding.mesh
+    if mesh.size <= 1 or batched[0].shape[0] % mesh.size:
+        return fn(*batched, *replicated)
+    batch, whole = PartitionSpec(mesh.axis_names), PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(*[batch] * len(batched), *[whole] * len(replicated)),
+                         out_specs=batch, check_vma=False)(*batched, *replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeKey:
+    """Shaw relative-key logits ``q_l . table[clip(r - l, -left, right) + left]`` (Wav2Vec2-BERT's)."""
+
+    table: Array  # (left + right + 1, head_dim)
+    left: int
+    right: int
+
+    def by_distance(self, query: Array, numerics: Numerics) -> Array:
+        """q . table^T, one logit per distance: (B, T, H, D) -> (B, H, T, left + right + 1)."""
+        return jnp.einsum("blhd,nd->bhln", query, self.table.astype(query.dtype), precision=numerics.precision)
+
+    def logits(self, query: Array, numerics: Numerics) -> Array:
+        """The (B, H, T, T) logits: each (l, r) picks its distance by a contraction with a one-hot
+        (T, T, distances) built from iotas, a matmul rather than a gather (take_along_axis)."""
+        t = query.shape[1]
+        positions = jnp.arange(t)
+        distance = jnp.clip(positions[None, :] - positions[:, None], -self.left, self.right) + self.left
+        by_distance = self.by_distance(query, numerics)
+        one_hot = jax.nn.one_hot(distance, self.left + self.right + 1, dtype=by_distance.dtype)
+        return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
+
+
+def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, relative: RelativeKey | None = None,
+              key_mask: Array | None = None) -> Array:
+    """Multi-head softmax attention, the one core every attention layer calls.
+
+    Args:
+        query, key, value: (B, T, H, D) and (B, S, H, D) in the compute dtype.
+        relative: relative-key logits added to ``q . k`` before scaling (S == T), or None.
+        key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
+
+    Returns (B, T, H, D): ``softmax((q . k + relative) / sqrt(D))`` over the valid keys, softmax in
+    float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` (cuDNN flash
+    attention on GPU where it applies). On TPU: the Pallas flash-attention kernel of
+    :mod:`.attention_pallas`, which builds the relative logits in VMEM instead of writing a (T, S) bias
+    to HBM. Neither takes a ``precision``: the layer's precision is set as the default for the matmuls
+    they trace (bf16 operands take one pass whatever it is).
+    """
+    scale = query.shape[-1] ** -0.5
+
+    def xla(q: Array, k: Array, v: Array) -> Array:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        bias = None if relative is None else relative.logits(q, numerics) * scale
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+
+    def tpu(q: Array, k: Array, v: Array) -> Array:
+        valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+        kernel = functools.partial(attention_pallas.flash_attention, precision=numerics.precision,
+                                   left=0 if relative is None else relative.left,
+                                   right=0 if relative is None else relative.right)
+        extra = () if relative is None else (relative.by_distance(q, numerics),)
+        return per_device(kernel, q, k, v, valid, *extra)
+
+    precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
+    with jax.default_matmul_precision(precision):
+        return jax.lax.platform_dependent(query, key, value, tpu=tpu, default=xla)

@@ -48,9 +48,11 @@ class FSQ:
 class Quantizer(nnx.Module):
     """project_in -> bound -> FSQ -> project_out, and the inverse path from indices."""
 
-    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, rngs: nnx.Rngs):
+    def __init__(self, config: Xcodec2Config, *, numerics: Numerics, input_numerics: Numerics | None = None,
+                 rngs: nnx.Rngs):
+        """``input_numerics``: project_in's policy (its output picks the codes), default ``numerics``."""
         dims = len(config.quantization_levels)
-        self.project_in = Linear(config.quantization_dim, dims, numerics=numerics, rngs=rngs)
+        self.project_in = Linear(config.quantization_dim, dims, numerics=input_numerics or numerics, rngs=rngs)
         self.project_out = Linear(dims, config.quantization_dim, numerics=numerics, rngs=rngs)
         self.levels = tuple(config.quantization_levels)
 
@@ -59,7 +61,7 @@ class Quantizer(nnx.Module):
         fsq = FSQ(self.levels)
         z = fsq.bound(self.project_in(x).astype(jnp.float32))
         codes, indices = fsq.quantize(z)
-        return self.project_out(codes.astype(x.dtype)), indices
+        return self.project_out(codes), indices
 
     def from_indices(self, indices: Array) -> Array:
         """indices (B, F) int -> quantized latents (B, F, quantization_dim)."""

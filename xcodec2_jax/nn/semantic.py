@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import SemanticConfig
-from .layers import Array, Conv1d, LayerNorm, Linear, Numerics, activation
+from .layers import Array, Conv1d, LayerNorm, Linear, Numerics, RelativeKey, activation, attention
 
 
 class FeatureProjection(nnx.Module):
@@ -46,16 +46,11 @@ class Embedding(nnx.Module):
     """A lookup table (rows, features), used here as a matrix (relative-key distance embeddings)."""
 
     def __init__(self, rows: int, features: int, *, numerics: Numerics, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (rows, features), numerics.dtype))
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (rows, features), numerics.param_dtype))
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head attention with Shaw relative-key position bias, distances clamped to [-left, right].
-
-    The bias is ``q . E[clamp(r - l) + left] * scaling``. Instead of materialising the (F, F, head)
-    embedding tensor, ``q @ E^T`` is computed once, (B, H, F, left + right + 1), and gathered per
-    (l, r): the same dot products, O(F) memory in the position term.
-    """
+    """Multi-head attention with Shaw relative-key position bias, distances clamped to [-left, right]."""
 
     def __init__(self, config: SemanticConfig, *, numerics: Numerics, rngs: nnx.Rngs):
         dim = config.hidden_size
@@ -74,19 +69,9 @@ class SelfAttention(nnx.Module):
         b, f, _ = x.shape
         split = lambda h: h.reshape(b, f, self.num_heads, self.head_size)
         q, k, v = split(self.linear_q(x)), split(self.linear_k(x)), split(self.linear_v(x))
-        precision, scaling = self.numerics.precision, self.head_size**-0.5
-
-        scores = jnp.einsum("blhd,brhd->bhlr", q, k, precision=precision) * scaling
-        by_distance = jnp.einsum("blhd,nd->bhln", q, self.distance_embedding.embedding[...].astype(q.dtype),
-                                 precision=precision)
-        positions = jnp.arange(f)
-        distance = jnp.clip(positions[None, :] - positions[:, None], -self.left, self.right) + self.left
-        bias = jnp.take_along_axis(by_distance, jnp.broadcast_to(distance, (b, self.num_heads, f, f)), -1)
-        scores = (scores + bias * scaling).astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhlr,brhd->blhd", weights, v, precision=precision)
+        # Transformers adds the relative term scaled like the scores: (q.k + q.e) / sqrt(head_size).
+        relative = RelativeKey(self.distance_embedding.embedding[...], self.left, self.right)
+        out = attention(q, k, v, numerics=self.numerics, relative=relative, key_mask=mask)
         return self.linear_out(out.reshape(b, f, -1))
 
 
@@ -99,8 +84,8 @@ class CausalDepthwiseConv1d(nnx.Module):
 
     def __init__(self, channels: int, kernel_size: int, *, numerics: Numerics, rngs: nnx.Rngs):
         bound = kernel_size**-0.5
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (kernel_size, 1, channels), numerics.dtype,
-                                                   -bound, bound))
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (kernel_size, 1, channels),
+                                                   numerics.param_dtype, -bound, bound))
         self.numerics = numerics
 
     def __call__(self, x: Array) -> Array:
@@ -197,7 +182,7 @@ class SemanticAdapter(nnx.Module):
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """``mask`` (B, F) valid frames or None; padded frames enter each conv as zeros."""
         if mask is not None:
-            mask = mask.astype(x.dtype)[..., None]
+            mask = mask.astype(bool)[..., None]
         residual = jax.nn.relu(self.conv1(x, mask))
         x = jax.nn.relu(self.conv2(residual, mask))
         x = self.conv3(x, mask) + residual

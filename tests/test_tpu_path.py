@@ -1,0 +1,203 @@
+"""The accelerator compute path, checked on CPU: Pallas TPU kernels (interpret mode) against the XLA forms,
+masking that keeps NaN/Inf padding out of valid frames, the attention core's precision, the precision and
+bf16 policies of ``from_pretrained``."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from xcodec2_jax import Xcodec2Model
+from xcodec2_jax.config import SemanticConfig, Xcodec2Config
+from xcodec2_jax.nn import acoustic_pallas
+from xcodec2_jax.nn.acoustic import AntiAliasedActivation, ResidualUnit
+from xcodec2_jax.nn.antialias import polyphase_xla
+from xcodec2_jax.nn.decoder import ResNetBlock
+from xcodec2_jax.nn.layers import GroupNorm, Numerics
+from xcodec2_jax.nn.semantic import SemanticAdapter, SemanticEncoder
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _valid_err(got, want, lengths) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return max(float(np.abs(got[i, :, :n] - want[i, :, :n]).max()) for i, n in enumerate(np.asarray(lengths)))
+
+
+# (channels, samples): one block holding the whole signal; several blocks with halos (48 channels ->
+# 1280-sample blocks), lengths ending in the first block, across a block boundary and at the end.
+SHAPES = [(8, 203, (203, 71)), (48, 3000, (3000, 1281, 7))]
+
+
+@pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)
+def test_activation_kernel_equals_xla_form(channels, samples, lengths):
+    x = jnp.asarray(2 * _rng(1).standard_normal((len(lengths), channels, samples)), jnp.float32)
+    act = AntiAliasedActivation(channels, numerics=Numerics(), rngs=nnx.Rngs(0))
+    alpha, inv_beta = act.parameters()
+    lengths = jnp.asarray(lengths, jnp.int32)
+    want = polyphase_xla(x, alpha, inv_beta, lengths)
+    got = acoustic_pallas.activation(x, lengths, alpha, inv_beta, interpret=True)
+    assert np.isfinite(np.asarray(got)).all()
+    assert _valid_err(got, want, lengths) < 5e-6
+
+
+@pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)
+@pytest.mark.parametrize("dilation", [1, 9])
+def test_residual_unit_kernel_equals_xla_form(channels, samples, lengths, dilation):
+    unit = ResidualUnit(channels, dilation, numerics=Numerics(), rngs=nnx.Rngs(2))
+    x = jnp.asarray(_rng(3).standard_normal((len(lengths), channels, samples)), jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    want = unit.xla(x, lengths)
+    got = acoustic_pallas.residual_unit(
+        x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]), unit.snake2.parameters(),
+        (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=dilation, precision=jax.lax.Precision.HIGHEST,
+        interpret=True)
+    assert np.isfinite(np.asarray(got)).all()
+    assert _valid_err(got, want, lengths) < 5e-6 * float(np.abs(np.asarray(want)).max())
+
+
+# ------------------------------------------------------------------------------------ masking (issue 14)
+def _poison(x: np.ndarray, valid: int, axis: int) -> np.ndarray:
+    """x with NaN and Inf everywhere past ``valid`` along ``axis`` (item 1 only)."""
+    x = x.copy()
+    index = [1] + [slice(None)] * (x.ndim - 1)
+    index[axis] = slice(valid, None)
+    x[tuple(index)] = np.nan
+    index[axis] = slice(valid + 1, valid + 2)
+    x[tuple(index)] = np.inf
+    return x
+
+
+def test_nan_in_padding_does_not_reach_valid_frames():
+    rngs, numerics = nnx.Rngs(4), Numerics()
+    semantic = SemanticConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    frames, valid = 12, 7
+    mask = np.arange(frames)[None, :] < np.array([frames, valid])[:, None]
+    features = _rng(5).standard_normal((2, frames, 160)).astype(np.float32)
+    encoder = SemanticEncoder(semantic, numerics=numerics, rngs=rngs)
+    clean = np.asarray(encoder(jnp.asarray(features), jnp.asarray(mask)))
+    dirty = np.asarray(encoder(jnp.asarray(_poison(features, valid, 1)), jnp.asarray(mask)))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+    adapter = SemanticAdapter(semantic, numerics=numerics, rngs=rngs)
+    hidden = _rng(6).standard_normal((2, frames, 32)).astype(np.float32)
+    clean = np.asarray(adapter(jnp.asarray(hidden), jnp.asarray(mask)))
+    dirty = np.asarray(adapter(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask)))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+    block = ResNetBlock(Xcodec2Config(hidden_size=64, quantization_dim=64 + 1024), numerics=numerics, rngs=rngs)
+    hidden = _rng(7).standard_normal((2, frames, 64)).astype(np.float32)
+    clean = np.asarray(block(jnp.asarray(hidden), jnp.asarray(mask[..., None])))
+    dirty = np.asarray(block(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask[..., None])))
+    np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
+
+
+def test_masked_group_norm_with_no_valid_frame_is_finite():
+    norm = GroupNorm(4, 16, eps=1e-6, rngs=nnx.Rngs(0))
+    x = jnp.asarray(_rng(8).standard_normal((2, 5, 16)), jnp.float32)
+    mask = jnp.asarray([[True] * 5, [False] * 5])[..., None]
+    out = np.asarray(norm(x, mask))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], np.asarray(norm(x[:1]))[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ precision, policies
+def _dot_precisions(fn, *args) -> set[str]:
+    """The precision of every dot_general/conv in the jaxpr of ``fn`` (nested jaxprs included)."""
+    found: set[str] = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.add(str(eqn.params["precision"]))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_precision_reaches_every_matmul_including_attention(reference, precision):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, precision=precision)
+    codec = nnx.merge(model.graphdef, model.state)
+    frames = 9
+    waveform = jnp.zeros((1, 1, frames * 320), jnp.float32)
+    features = jnp.zeros((1, frames, 160), jnp.float32)
+    encode = _dot_precisions(lambda w, f: codec.encode(w, f), waveform, features)
+    decode = _dot_precisions(lambda z: codec.decode(z), jnp.zeros((1, frames, 96), jnp.float32))
+    want = {"highest": "(Precision.HIGHEST, Precision.HIGHEST)", "default": "(Precision.DEFAULT, Precision.DEFAULT)"}
+    assert encode == decode == {want[precision]}
+
+
+def _dot_operand_dtypes(fn, *args) -> set[str]:
+    """The operand dtypes of every dot_general in the jaxpr of ``fn`` (nested jaxprs included)."""
+    found: set[str] = set()
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.add("/".join(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_policy_keeps_parameters_and_the_fsq_input_path_in_float32(reference):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(model.state)} == {jnp.dtype(jnp.float32)}
+    codec = nnx.merge(model.graphdef, model.state)
+    fused = jnp.zeros((1, 9, 96), jnp.bfloat16)
+    assert _dot_operand_dtypes(lambda x: codec.quantizer.project_in(codec.fc_encoder(x)), fused) == {"float32/float32"}
+    assert _dot_operand_dtypes(codec.quantize, fused[..., :32], fused[..., 32:]) == {
+        "float32/float32", "bfloat16/bfloat16"}  # project_out, after FSQ, follows the decoder's policy
+    head = codec.acoustic_decoder.head
+    assert _dot_operand_dtypes(lambda x: head(x, None), jnp.zeros((1, 9, 64), jnp.bfloat16)) == {"float32/float32"}
+    semantic = _dot_operand_dtypes(codec.semantic_encoder, jnp.zeros((1, 9, 160), jnp.float32))
+    assert semantic == {"bfloat16/bfloat16"}
+
+
+def test_unknown_float32_part_is_refused(reference):
+    with pytest.raises(ValueError, match="not parts of the codec"):
+        Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16, float32_parts=("decoder",))
+    with pytest.raises(ValueError, match="precision="):
+        Xcodec2Model.from_pretrained(reference.checkpoint, precision="fp32")
+
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_tpu_flash_attention_equals_xla_attention(relative):
+    """The TPU attention kernel (interpret mode) against the XLA attention, relative-key logits included."""
+    from xcodec2_jax.nn import attention_pallas
+    from xcodec2_jax.nn.layers import RelativeKey, attention
+
+    t = 300  # 3 x 3 blocks of 128 after padding: band, clamped-only and padded tiles
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, t, 2, 64)), jnp.float32) for seed in (9, 10, 11))
+    table = jnp.asarray(_rng(12).standard_normal((73, 64)), jnp.float32)
+    rel = RelativeKey(table, 64, 8) if relative else None
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([t, 77])[:, None])
+    want = attention(q, k, v, numerics=Numerics(), relative=rel, key_mask=mask)
+    extra = (rel.by_distance(q, Numerics()),) if relative else ()
+    with jax.default_matmul_precision("highest"):
+        got = attention_pallas.flash_attention(q, k, v, mask, *extra, left=64 if relative else 0,
+                                               right=8 if relative else 0, precision=jax.lax.Precision.HIGHEST,
+                                               interpret=True)
+    assert float(jnp.abs(got - want).max()) < 5e-6
+
+
+def test_tpu_input_conv_equals_xla_conv(reference):
+    from xcodec2_jax.nn.acoustic import time_mask
+
+    encoder = nnx.merge(reference.model.graphdef, reference.model.state).acoustic_encoder
+    wave = jnp.asarray(_rng(14).standard_normal((2, 1, 3200)), jnp.float32)
+    lengths = jnp.asarray([3200, 1280])
+    want = encoder.conv1(wave, time_mask(lengths, 3200))
+    assert float(jnp.abs(encoder.mono_fir(wave, lengths) - want).max()) < 2e-6
