@@ -52,7 +52,9 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def to_mono(wave: np.ndarray) -> np.ndarray:
     """Average the channels of float ``(samples, channels)`` audio into float32 ``(samples,)``; 1-D passes through."""
     wave = np.asarray(wave, dtype=np.float32)
-    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    if wave.ndim == 2:  # one channel: its (contiguous) column, not a slow reduction over a length-1 axis
+        return wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)
+    return wave
 
 
 def resample(wave: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int) -> np.ndarray:
