@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--cache"]
+        forwarded = argv if argv is not None else sys.argv[1:]  # + the cache: the last --cache wins
         procs = [subprocess.Popen([sys.executable, __file__, *forwarded, "--cache", args.cache, "--rank", str(r),
                                    "--port", str(port), "--out", str(Path(tmp) / f"out{r}.json")],
                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
