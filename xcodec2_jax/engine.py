@@ -405,7 +405,7 @@ class Engine:
         self.window_frames = round(self.settings.window_seconds * rate)
         # An even overlap of at least overlap_seconds puts each cut exactly at its middle, overlap / 2 from
         # both edges; the cross-fade (<= the overlap) then lies inside both windows.
-        self.overlap_frames = 2 * math.ceil(self.settings.overlap_seconds * rate / 2)
+        self.overlap_frames = 2 * math.ceil(round(self.settings.overlap_seconds * rate, 9) / 2)  # 9: float noise
         if self.overlap_frames >= self.window_frames:
             raise ValueError(f"overlap_seconds={self.settings.overlap_seconds} rounds to {self.overlap_frames} "
                              f"frames, not less than the {self.window_frames}-frame window")
