@@ -3,6 +3,8 @@
     python benchmarks/bench_inference.py                       # CPU, float32, batch {1, 8} x {6 s, 30 s}
     python benchmarks/bench_inference.py --batch-sizes 8 --durations 6 --repeats 3
     python benchmarks/bench_inference.py --device gpu --dtype bfloat16 --batch-sizes 32 --durations 6
+    python benchmarks/bench_inference.py --no-torch --checkpoint DIR --batch-sizes 8 --durations 6 \
+        --end-to-end 64                                        # + encode_audio / decode_codes on 64 clips
 
 Same seeded random full-size weights (``Xcodec2Config()``, 629M parameters) and the same speech for every
 implementation. Encode = features -> codes (features computed beforehand, outside the timing, for both);
@@ -13,11 +15,20 @@ compile time (reported apart), achieved FLOP/s from XLA's cost analysis and its 
 peak (``--peak-tflops``, default: a large matmul measured in this run), and the ratios JAX / PyTorch.
 Timings are the median of ``--repeats`` runs after one warm-up, implementations interleaved so that
 machine noise hits them alike.
+
+``--end-to-end N`` adds rows for the whole engine path: ``encode_audio`` on N clips with lengths drawn
+uniformly from ``--end-to-end-seconds`` (default 1-20 s) and ``decode_codes`` on their codes, default engine
+settings at the first ``--batch-sizes`` value, against the step alone measured before AND after (its mean
+is the reference). The steps those runs need are compiled beforehand (found by a dry run of the same engine
+with no-op steps), so the rows show the steady state; compile time is reported apart. The rows include
+host work (features, packing, stitching), padding to buckets and dummy rows; the engine's counters give
+the padding cost (computed / audio seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,10 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks.host_pipeline import no_op_device
 from convert.kaldi_reference import reference_feature_extractor
 from convert.speech import speech_clip
 from convert.torch_reference import (
     TorchXcodec2Config,
+    TorchXcodec2Model,
     random_reference_model,
     torch_inputs,
 )
@@ -108,14 +121,16 @@ class JaxRunner:
     def __init__(self, model: Xcodec2Model, batch: int, frames: int):
         seconds = frames / model.config.frame_rate
         settings = EngineSettings(batch_size=batch, bucket_seconds=(seconds,), window_seconds=seconds,
-                                  overlap_seconds=0.0)
-        self.engine = Engine(model.graphdef, model.state, model.config, settings)
+                                  overlap_seconds=seconds / 2, crossfade_seconds=0.0)
+        self.engine = model.engine(settings)
         self.frames = frames
 
     def prepare(self, waves: list[np.ndarray], codes: np.ndarray) -> None:
-        """Device-resident inputs: padded waveforms + features (encode), codes (decode)."""
+        """Device-resident inputs: padded waveforms (+ features, when the engine computes them on the host)
+        for encode, codes for decode."""
         audio = [wave[: self.frames * self.engine.config.hop_length] for wave in waves]
-        encode_rows = [(a, self.engine.extractor.item_features(a)) for a in audio]
+        extractor = self.engine.extractor
+        encode_rows = [(a,) if extractor is None else (a, extractor.item_features(a)) for a in audio]
         self.device_args = {
             "encode": self.engine.device_batch("encode", encode_rows, self.frames),
             "decode": self.engine.device_batch("decode", [(c,) for c in codes], self.frames),
@@ -131,14 +146,15 @@ class JaxRunner:
         cost = step.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         memory = step.memory_analysis()
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.engine.state))
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.engine.device.state))
         working = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
                    - weights) / 2**30
-        return self.engine.compile_seconds[(kind, self.frames)], float(cost.get("flops", 0.0)), working
+        key = (self.engine.kinds[kind], self.engine.batch, self.frames)
+        return self.engine.device.compile_seconds[key], float(cost.get("flops", 0.0)), working
 
     def run(self, kind: str) -> object:
         step = self.engine.compiled(kind, self.frames)
-        return jax.block_until_ready(step(self.engine.state, *self.device_args[kind]))
+        return jax.block_until_ready(step(self.engine.device.state, *self.device_args[kind]))
 
 
 class TorchRunner:
@@ -168,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the FLOP/s fraction")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of building random weights")
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                        help="also time encode_audio / decode_codes on N clips (see above)")
+    parser.add_argument("--end-to-end-seconds", type=float, nargs=2, default=[1.0, 20.0], metavar=("MIN", "MAX"))
     args = parser.parse_args(argv)
 
     gpu = args.device == "gpu"
@@ -178,29 +198,39 @@ def main(argv: list[str] | None = None) -> int:
           f"({torch.get_num_threads()} threads); {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
 
     clip = speech_clip(max(args.durations), seed=args.seed)
-    calibration = torch_inputs(dict(reference_feature_extractor()(clip[: 6 * 16000], sampling_rate=16000)))
-    torch_model = random_reference_model(TorchXcodec2Config(), args.seed, calibration)
-    with tempfile.TemporaryDirectory(prefix="xcodec2-bench-") as checkpoint:  # 2.5 GB: removed once loaded
-        torch_model.save_pretrained(checkpoint)
-        model = Xcodec2Model.from_pretrained(checkpoint, dtype=jax_dtype)
-    torch_model = torch_model.to(torch_device, torch_dtype).eval()
+    if args.checkpoint is None:
+        calibration = torch_inputs(dict(reference_feature_extractor()(clip[: 6 * 16000], sampling_rate=16000)))
+        torch_model = random_reference_model(TorchXcodec2Config(), args.seed, calibration)
+        with tempfile.TemporaryDirectory(prefix="xcodec2-bench-") as checkpoint:  # 2.5 GB: removed once loaded
+            torch_model.save_pretrained(checkpoint)
+            model = Xcodec2Model.from_pretrained(checkpoint, dtype=jax_dtype)
+    else:
+        torch_model = None if args.no_torch else TorchXcodec2Model.from_pretrained(args.checkpoint)
+        model = Xcodec2Model.from_pretrained(args.checkpoint, dtype=jax_dtype)
+    if torch_model is not None:
+        torch_model = torch_model.to(torch_device, torch_dtype).eval()
     peak = args.peak_tflops or measured_peak_tflops(jax_dtype)
     print(f"device peak used for the FLOP/s fraction: {peak:.2f} TFLOP/s"
           f"{'' if args.peak_tflops else ' (measured: 4096^3 matmul in JAX)'}\n")
 
-    rows = []
+    rows, step_alone = [], None
     for seconds in args.durations:
         for batch in args.batch_sizes:
             frames = round(seconds * model.config.frame_rate)
             waves = [np.roll(clip, 1601 * i)[: frames * 320].astype(np.float32) for i in range(batch)]
-            features = {k: v.to(torch_device) for k, v in dict(reference_feature_extractor()(
-                waves, sampling_rate=16000, return_tensors="pt")).items()}
-            features["input_features"] = features["input_features"].to(torch_dtype)
-            features["input_values"] = features["input_values"].to(torch_dtype)
-            with torch.inference_mode():
-                codes = torch_model.encode(**features).audio_codes
             runners: dict[str, object] = {"jax": JaxRunner(model, batch, frames)}
-            runners["jax"].prepare(waves, codes.cpu().numpy()[:, 0, :frames].astype(np.int32))
+            if torch_model is None:  # decode timing does not depend on the code values
+                runners["jax"].prepare(waves, np.random.default_rng(args.seed).integers(
+                    0, model.config.codebook_size, (batch, frames), dtype=np.int32))
+            else:
+                features = {k: v.to(torch_device) for k, v in dict(reference_feature_extractor()(
+                    waves, sampling_rate=16000, return_tensors="pt")).items()}
+                features["input_features"] = features["input_features"].to(torch_dtype)
+                features["input_values"] = features["input_values"].to(torch_dtype)
+                with torch.inference_mode():
+                    codes = torch_model.encode(**features).audio_codes
+                runners["jax"].prepare(waves, codes.cpu().numpy()[:, 0, :frames].astype(np.int32))
+            step_alone = step_alone or runners["jax"]
             if not args.no_torch:
                 runners["torch eager"] = TorchRunner(torch_model, features, codes, compiled=False)
                 if not args.no_torch_compile:
@@ -251,9 +281,63 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['direction']} | {row['batch']} x {row['seconds']:g} s | {row['impl']} | "
               f"{row['audio_s_per_s']:.2f} | {row['latency_per_item_s']:.3f} | {row['peak_mem_gib']:.2f} | "
               f"{row['compile_s']:.1f} | {flops} | {'-' if row['impl'] == 'jax' else f'{ratio:.2f}x'} |")
+    end_to_end = run_end_to_end(model, step_alone, args) if args.end_to_end else []
     if args.json:
-        args.json.write_text(json.dumps({"peak_tflops": peak, "dtype": args.dtype, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"peak_tflops": peak, "dtype": args.dtype, "rows": rows,
+                                         "end_to_end": end_to_end}, indent=2))
     return 0
+
+
+def run_end_to_end(model: Xcodec2Model, step: JaxRunner, args: argparse.Namespace) -> list[dict]:
+    """encode_audio / decode_codes on clips of random lengths against ``step`` alone, timed before and after."""
+    low, high = args.end_to_end_seconds
+    lengths = np.random.default_rng(args.seed).uniform(low, high, args.end_to_end)
+    clips = [speech_clip(float(s), seed=i) for i, s in enumerate(lengths)]
+    settings = EngineSettings(batch_size=step.engine.batch)
+    engine = model.engine(settings)
+    # The steps these runs use, found by the same engine with no-op steps, compiled before the clock starts.
+    dry = Engine(no_op_device(model.config), dataclasses.replace(settings, device_features=engine.device_features))
+    dry.decode(dry.encode(clips))
+    begin = time.perf_counter()
+    for kind, batch, frames in dry.device._compiled:
+        engine.device.step(kind, batch, frames)
+    compile_s = time.perf_counter() - begin
+    print(f"\nend to end: {len(clips)} clips of {low:g}-{high:g} s ({lengths.sum():.0f} s of audio), "
+          f"{len(dry.device._compiled)} steps compiled beforehand in {compile_s:.0f} s", flush=True)
+
+    step_rates = {kind: [] for kind in ("encode", "decode")}
+
+    def time_step_alone() -> None:
+        for kind in step_rates:
+            for _ in range(args.repeats):
+                step_rates[kind].append(step.engine.batch * step.frames / model.config.frame_rate
+                                        / _timed(lambda k=kind: step.run(k)))
+
+    time_step_alone()
+    begin = time.perf_counter()
+    codes = model.encode_audio(clips, settings=settings)
+    encode_wall = time.perf_counter() - begin
+    begin = time.perf_counter()
+    model.decode_codes(codes, settings=settings)
+    decode_wall = time.perf_counter() - begin
+    time_step_alone()
+
+    rows = []
+    print(f"\n| direction | path | audio s / s | vs the step alone ({step.engine.batch} x "
+          f"{step.frames / model.config.frame_rate:g} s, no padding) | computed / audio s |")
+    print("|---|---|---|---|---|")
+    for kind, wall, counters in (("encode", encode_wall, engine.stats.encode),
+                                 ("decode", decode_wall, engine.stats.decode)):
+        alone = statistics.mean(step_rates[kind])
+        audio_seconds = counters.audio_seconds
+        rows.append({"direction": kind, "step_alone_audio_s_per_s": alone, "audio_s_per_s": audio_seconds / wall,
+                     "wall_s": wall, "audio_seconds": audio_seconds, "computed_seconds": counters.computed_seconds})
+        print(f"| {kind} | step alone (mean of {len(step_rates[kind])}: {min(step_rates[kind]):.2f}-"
+              f"{max(step_rates[kind]):.2f}) | {alone:.2f} | 1 | 1 |")
+        print(f"| {kind} | {'encode_audio' if kind == 'encode' else 'decode_codes'} | "
+              f"{audio_seconds / wall:.2f} | **{audio_seconds / wall / alone:.0%}** | "
+              f"{counters.computed_per_audio_second:.3f} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from convert.speech import speech_clip
 from xcodec2_jax.audio import AudioError, load_audio
 from xcodec2_jax.engine import EngineSettings
 
-# Every clip here is under 2 s, so with the default buckets all of them land in the 2 s bucket: one encode
-# and one decode compilation, the same shapes as tests/test_cli.py (`--batch-size 2`) uses.
-SETTINGS = EngineSettings(batch_size=2)
+# Every clip here is under 2 s, so all of them land in one 2 s bucket: one encode and one decode compilation,
+# the same shapes as tests/test_cli.py (`--batch-size 2`, its clips in the default 2 s bucket) uses.
+SETTINGS = EngineSettings(batch_size=2, bucket_seconds=(2.0,))
 CODE_MATCH = 0.999
 
 

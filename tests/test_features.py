@@ -12,6 +12,7 @@ from convert.kaldi_reference import reference_feature_extractor, reference_kaldi
 from convert.speech import speech_clip
 from xcodec2_jax.audio import resample
 from xcodec2_jax.features import Xcodec2FeatureExtractor
+from xcodec2_jax.nn.fbank import KaldiFbank
 
 SR = 16000
 EXACT_KEYS = ("input_values", "padding_mask", "input_features_mask")
@@ -59,6 +60,27 @@ def test_batch_of_three_lengths_matches_transformers(extractor, reference, batch
     assert ours.input_features.shape == (3, 201, 160)
     # The shorter clips end in padding; only the longest fills every frame.
     assert ours.input_features_mask.sum(axis=1).tolist() == [67, 146, 201]
+
+
+def test_device_fbank_matches_transformers(reference, batch):
+    """The jitted fbank of the engine's encode step, on the padded batch: within the same tolerance, padding-exact
+    (garbage after an item's length changes nothing) and equal to the host extractor's float64 math to 1e-4."""
+    theirs = reference(batch, sampling_rate=SR, return_tensors="np")
+    waveform = theirs["input_values"][:, 0]
+    lengths = (-(-theirs["padding_mask"].sum(-1) // 320) * 320).astype(np.int32)
+    fbank = jax.jit(KaldiFbank())
+    features, mask = (np.asarray(x) for x in fbank(waveform, lengths))
+    np.testing.assert_array_equal(mask.astype(np.int32), theirs["input_features_mask"])
+    error = np.abs(features - theirs["input_features"])  # the padding (value 1.0) included
+    print(f"device fbank: max abs err {error.max():.3g} vs Transformers")
+    assert error.max() <= FEATURES_ATOL
+    host = Xcodec2FeatureExtractor()(batch, sampling_rate=SR).input_features
+    np.testing.assert_allclose(features, host, rtol=0, atol=1e-4)
+
+    noisy = np.where(np.arange(waveform.shape[1]) < lengths[:, None], waveform, 0.5)  # garbage in the padding
+    longer = np.pad(noisy, ((0, 0), (0, 640)), constant_values=-0.3)  # and a larger bucket
+    padded_features, _ = fbank(longer, lengths)
+    np.testing.assert_array_equal(np.asarray(padded_features)[:, : features.shape[1]], features)
 
 
 def test_single_clip_matches_transformers(extractor, reference, batch):

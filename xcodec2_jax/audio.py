@@ -53,7 +53,11 @@ def to_mono(wave: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     """Average the channels of float 2-D audio (``channel_axis`` 1: ``(samples, channels)`` as files are read;
     0: ``(channels, samples)``) into float32 ``(samples,)``, in float32; 1-D audio passes through as float32."""
     wave = np.asarray(wave, dtype=np.float32)
-    return wave.mean(axis=channel_axis, dtype=np.float32) if wave.ndim == 2 else wave
+    if wave.ndim != 2:
+        return wave
+    if wave.shape[channel_axis] == 1:  # one channel: that channel, not a slow reduction over a length-1 axis
+        return np.take(wave, 0, axis=channel_axis)
+    return wave.mean(axis=channel_axis, dtype=np.float32)
 
 
 def pcm_to_float32(wave: np.ndarray, name: str) -> np.ndarray:

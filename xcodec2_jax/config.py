@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .lengths import padded_frames, valid_samples, whole_frames
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
 MODEL_TYPES = ("xcodec2", "neucodec")
@@ -227,7 +228,7 @@ class Xcodec2Config:
 
     def padded_frames(self, num_samples: int) -> int:
         """Code frames of a clip of ``num_samples`` once padded: one sample appended, then up to the hop."""
-        return -(-(num_samples + 1) // self.hop_length)
+        return padded_frames(valid_samples(num_samples), self.hop_length)
 
     def num_codes(self, num_samples):
         """Codes kept for clips of ``num_samples`` input samples, an int or an integer array (see
@@ -235,7 +236,7 @@ class Xcodec2Config:
         frames = self.padded_frames(num_samples) - self.semantic_frame_lag
         if self.code_count_rule == "original":
             return frames
-        return np.minimum(frames, (num_samples + 1) // self.hop_length)
+        return np.minimum(frames, whole_frames(valid_samples(num_samples), self.hop_length))
 
     @property
     def codebook_size(self) -> int:

@@ -8,11 +8,9 @@ approximation: each item's audio is followed by zeros both in Transformers' per-
 batch, so an item's first ``n_i`` frames are identical either way, and only those frames enter its
 normalisation statistics.
 
-The Kaldi recipe (what ``fbank`` computes with the options Transformers passes) per 25 ms frame, 10 ms apart,
-on ``wave * 32768``: subtract the frame mean, pre-emphasis 0.97 (the first sample uses itself as its
-predecessor), Povey window (``hann ** 0.85``, symmetric), zero-pad to 512, power spectrum, 80 triangular mel
-filters between 20 Hz and Nyquist on Kaldi's mel scale ``1127 ln(1 + f / 700)``, then ``log(max(e, eps))``
-with float32's machine epsilon.
+The Kaldi recipe (what ``fbank`` computes with the options Transformers passes), its constants and its mel
+filters live in ``nn/fbank.py``, which also computes the same features on the device inside the engine's
+jitted encode step.
 """
 
 from __future__ import annotations
@@ -31,16 +29,9 @@ from xcodec2_jax.audio import resample as resample_audio
 from xcodec2_jax.config import Xcodec2Config
 from xcodec2_jax.errors import AudioError, ConfigError
 from xcodec2_jax.hub import PREPROCESSOR_CONFIG_NAME, resolve_checkpoint_dir
+from xcodec2_jax.lengths import padded_frames, valid_samples
+from xcodec2_jax.nn import fbank as kaldi
 
-# Kaldi floors energies at std::numeric_limits<float>::epsilon() before the log.
-_KALDI_EPSILON = float(np.finfo(np.float32).eps)
-# Kaldi reads 16-bit PCM as integers; Transformers rescales float audio in [-1, 1] to that range.
-_INT16_SCALE = 2.0**15
-_PREEMPHASIS = 0.97
-_POVEY_EXPONENT = 0.85
-_LOW_FREQ_HZ = 20.0
-# Per-bin normalisation: (x - mean) / sqrt(unbiased var + this), as in Transformers.
-_NORM_EPSILON = 1e-7
 _FRAMES_PER_BLOCK = 1024
 NEUCODEC_EXTRACTOR = "NeuCodecFeatureExtractor"
 
@@ -69,10 +60,10 @@ class Xcodec2FeatureExtractor:
     """
 
     # Fixed in Transformers' ``__init__`` (not read from the config); saved for compatibility.
-    num_mel_bins = 80
-    stride = 2  # fbank frames stacked per semantic-encoder frame
-    frame_length = 400  # samples per fbank frame (25 ms at 16 kHz)
-    frame_shift = 160  # samples between fbank frames (10 ms at 16 kHz)
+    num_mel_bins = kaldi.NUM_MEL_BINS
+    stride = kaldi.STRIDE  # fbank frames stacked per semantic-encoder frame
+    frame_length = kaldi.FRAME_LENGTH  # samples per fbank frame (25 ms at 16 kHz)
+    frame_shift = kaldi.FRAME_SHIFT  # samples between fbank frames (10 ms at 16 kHz)
     model_input_names = ("input_features", "input_values", "padding_mask", "input_features_mask")
 
     def __init__(
@@ -89,18 +80,10 @@ class Xcodec2FeatureExtractor:
         self.hop_length = hop_length
         self.center = center
 
-        # Transformers passes frame length and shift to Kaldi in milliseconds and Kaldi turns them back into
-        # samples with int(); repeat that float round trip so odd sampling rates truncate the same way.
-        self._window_size = int(sampling_rate * (self.frame_length / sampling_rate * 1000) * 0.001)
-        self._window_shift = int(sampling_rate * (self.frame_shift / sampling_rate * 1000) * 0.001)
-        self._fft_size = 1 << (self._window_size - 1).bit_length()  # Kaldi's round_to_power_of_two
-        self._window = _povey_window(self._window_size)
-        # (fft_size // 2 + 1, num_mel_bins): transposed and contiguous for a fast right matmul
-        self._mel_filters = np.ascontiguousarray(
-            _kaldi_mel_filters(
-                self.num_mel_bins, self._fft_size, float(sampling_rate), _LOW_FREQ_HZ, float(sampling_rate // 2)
-            ).T
-        )
+        self._sizes = kaldi.FrameSizes.at(sampling_rate)
+        self._window = kaldi.povey_window(self._sizes.window)
+        # (fft_size // 2 + 1, num_mel_bins), contiguous for a fast right matmul
+        self._mel_filters = np.ascontiguousarray(kaldi.mel_filters(sampling_rate))
 
     def __repr__(self) -> str:
         return (
@@ -252,8 +235,8 @@ class Xcodec2FeatureExtractor:
 
         Returns ``input_values`` float32 (B, T), ``padding_mask`` int32 (B, T) and the valid lengths (B,).
         """
-        lengths = np.array([wave.size + 1 for wave in waves])
-        total = -(-lengths.max() // self.hop_length) * self.hop_length
+        lengths = valid_samples(np.array([wave.size for wave in waves]))
+        total = padded_frames(lengths.max(), self.hop_length) * self.hop_length
         input_values = np.zeros((len(waves), total), dtype=np.float32)
         for row, wave in zip(input_values, waves, strict=True):
             row[: wave.size] = wave
@@ -266,13 +249,13 @@ class Xcodec2FeatureExtractor:
         # Transformers runs fbank on each clip's valid length rounded up to a hop multiple, plus hop // 2
         # zeros each side (NeuCodec: none); the batch padded the same way yields the same first frames per clip.
         edge = self.hop_length // 2 if self.center else 0
-        clip_samples = -(-lengths // self.hop_length) * self.hop_length + 2 * edge
-        num_frames = 1 + (clip_samples - self._window_size) // self._window_shift  # (B,)
+        samples = padded_frames(lengths, self.hop_length) * self.hop_length
+        num_frames = self._sizes.num_frames(samples, self.hop_length, centred=self.center)  # (B,)
         if num_frames.min() < 2:
             index = int(num_frames.argmin())
             raise ValueError(
                 f"audio item {index} gives {max(int(num_frames[index]), 0)} fbank frame(s); the per-bin variance "
-                f"needs at least 2 (hop_length={self.hop_length} is too small for {self._window_size}-sample "
+                f"needs at least 2 (hop_length={self.hop_length} is too small for {self._sizes.window}-sample "
                 "frames)"
             )
         frames = self._frames(np.pad(input_values, ((0, 0), (edge, edge))))  # (B, N, window) view
@@ -290,7 +273,7 @@ class Xcodec2FeatureExtractor:
         mean = np.add.reduceat(log_mel, starts, axis=0) / num_frames[:, None]  # (B, 80)
         centered = log_mel - np.repeat(mean, num_frames, axis=0)
         variance = np.add.reduceat(np.square(centered), starts, axis=0) / (num_frames[:, None] - 1)
-        normalized = centered / np.repeat(np.sqrt(variance + _NORM_EPSILON), num_frames, axis=0)
+        normalized = centered / np.repeat(np.sqrt(variance + kaldi.NORM_EPSILON), num_frames, axis=0)
 
         # Pad to an even number of frames with padding_value, then stack frame pairs into 2 * 80 features.
         total_frames = -(-frames.shape[1] // self.stride) * self.stride
@@ -303,8 +286,8 @@ class Xcodec2FeatureExtractor:
 
     def _frames(self, waves: np.ndarray) -> np.ndarray:
         """Kaldi's snip_edges framing (only whole frames) of (B, L) audio: a strided view (B, N, window)."""
-        windows = np.lib.stride_tricks.sliding_window_view(waves, self._window_size, axis=-1)
-        return windows[:, :: self._window_shift]
+        windows = np.lib.stride_tricks.sliding_window_view(waves, self._sizes.window, axis=-1)
+        return windows[:, :: self._sizes.shift]
 
     def _log_mel(self, frames: np.ndarray) -> np.ndarray:
         """Kaldi log-mel fbank of float32 frames (..., window) of audio in [-1, 1]: float64 (..., 80).
@@ -312,45 +295,16 @@ class Xcodec2FeatureExtractor:
         Computed in float64, i.e. Kaldi's math without rounding; the float32 reference differs from it by its
         own rounding, mostly in bins whose energy is tiny next to the rest of the frame.
         """
-        frames = np.multiply(frames, _INT16_SCALE, dtype=np.float64)  # a copy, safe to modify in place
+        frames = np.multiply(frames, kaldi.INT16_SCALE, dtype=np.float64)  # a copy, safe to modify in place
         frames -= frames.mean(axis=-1, keepdims=True)  # remove DC offset
         # Pre-emphasis x[j] - 0.97 x[j - 1]; Kaldi uses x[0] itself as the predecessor of the first sample
         # (which the Povey window then zeroes anyway).
         previous = np.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
-        frames -= _PREEMPHASIS * previous
+        frames -= kaldi.PREEMPHASIS * previous
         frames *= self._window
-        spectrum = np.fft.rfft(frames, n=self._fft_size, axis=-1)  # zero-padded to the FFT size
+        spectrum = np.fft.rfft(frames, n=self._sizes.fft, axis=-1)  # zero-padded to the FFT size
         power = np.square(spectrum.real) + np.square(spectrum.imag)
-        return np.log(np.maximum(power @ self._mel_filters, _KALDI_EPSILON))
-
-
-def _povey_window(size: int) -> np.ndarray:
-    """Kaldi's Povey window, a symmetric Hann window to the power 0.85: float64 (size,)."""
-    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(size) / (size - 1))
-    return hann**_POVEY_EXPONENT
-
-
-def _kaldi_mel_filters(
-    num_bins: int, fft_size: int, sample_freq: float, low_freq: float, high_freq: float
-) -> np.ndarray:
-    """Kaldi's triangular mel filters (no VTLN warp): float64 (num_bins, fft_size // 2 + 1).
-
-    The filters are triangles equally spaced on the mel scale ``1127 ln(1 + f / 700)``, evaluated at the FFT
-    bin centres in mel; the Nyquist bin gets weight 0, as in Kaldi.
-    """
-
-    def mel(freq):
-        return 1127.0 * np.log(1.0 + np.asarray(freq) / 700.0)
-
-    mel_low, mel_high = mel(low_freq), mel(high_freq)
-    delta = (mel_high - mel_low) / (num_bins + 1)  # num_bins + 1 intervals: the edge triangles spread out
-    left = mel_low + np.arange(num_bins)[:, None] * delta
-    center, right = left + delta, left + 2 * delta
-    bin_mel = mel(sample_freq / fft_size * np.arange(fft_size // 2))[None, :]
-    up_slope = (bin_mel - left) / (center - left)
-    down_slope = (right - bin_mel) / (right - center)
-    filters = np.maximum(0.0, np.minimum(up_slope, down_slope))
-    return np.pad(filters, ((0, 0), (0, 1)))
+        return np.log(np.maximum(power @ self._mel_filters, kaldi.KALDI_EPSILON))
 
 
 def _is_clip(value: Any) -> bool:

@@ -15,6 +15,7 @@ original ``xcodec2`` layout (all ``T // 320 + 1`` codes of a clip are valid, as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from . import engine
 from .audio import as_wave, load_audio, resample
 from .codes import check_codes
 from .config import Xcodec2Config
-from .engine import Engine, EngineSettings
+from .engine import DeviceModel, Engine, EngineSettings
 from .errors import ConfigError
 from .hub import CONFIG_NAME, FLAX_WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME, resolve_checkpoint_dir
+from .lengths import padded_frames
 from .nn.codec import DEFAULT_FLOAT32_PARTS, Xcodec2Codec
 from .nn.layers import Numerics
 from .weights import TRAINING_ONLY, load_params, open_checkpoint, save_flax_params, transformers_state
@@ -121,6 +123,7 @@ class Xcodec2Model:
         self.config = config
         self.graphdef, self.state = nnx.split(codec)
         self.dtype = codec.numerics.dtype
+        self._device: DeviceModel | None = None  # the weights on the devices, shared by all engines
         self._engines: dict[EngineSettings, Engine] = {}
 
     @property
@@ -212,7 +215,7 @@ class Xcodec2Model:
         if mask.shape[1] != total:
             raise ValueError(f"padding_mask has {mask.shape[1]} samples but input_values has {total}")
         hop = self.config.hop_length
-        return (mask.astype(jnp.int32).sum(-1) + hop - 1) // hop * hop
+        return padded_frames(mask.astype(jnp.int32).sum(-1), hop) * hop
 
     def _encode(self, input_values, input_features, padding_mask, input_features_mask):
         """Validated device encode: codes (B, F), latents (B, F, D), codes mask (B, F) or None, lengths."""
@@ -320,10 +323,16 @@ class Xcodec2Model:
 
     # -------------------------------------------------------------------------- many clips (engine)
     def engine(self, settings: EngineSettings | None = None) -> Engine:
-        """The batched, bucketed, sharded :class:`Engine` for ``settings`` (created once, then reused)."""
+        """The batched, bucketed, sharded :class:`Engine` for ``settings`` (created once, then reused).
+
+        All engines of a model share one :class:`DeviceModel`: one copy of the weights on the devices and
+        one compiled step per (step, batch, bucket).
+        """
         settings = settings or EngineSettings()
         if settings not in self._engines:
-            self._engines[settings] = Engine(self.graphdef, self.state, self.config, settings)
+            if self._device is None:
+                self._device = DeviceModel(self.graphdef, self.state, self.config)
+            self._engines[settings] = Engine(self._device, settings)
         return self._engines[settings]
 
     def encode_audio(self, waves_or_paths, sampling_rate: int | None = None, *, progress: bool = False,
@@ -332,7 +341,8 @@ class Xcodec2Model:
 
         Args:
             waves_or_paths: a clip, a path, or a list of them. Clips are (samples,) or (channels, samples)
-                arrays (channels are averaged); files are read with soundfile, mixed to mono and resampled.
+                arrays (channels are averaged); files are read with soundfile, mixed to mono and resampled,
+                in the engine's worker threads while the devices run.
             sampling_rate: the rate of the in-memory clips (default: the model's, 16 kHz); other rates are
                 resampled with soxr.
             progress: show a progress bar.
@@ -348,7 +358,7 @@ class Xcodec2Model:
         waves = []
         for index, item in enumerate(items):
             if isinstance(item, (str, Path)):
-                waves.append(load_audio(item, rate))
+                waves.append(functools.partial(load_audio, item, rate))
                 continue
             wave = as_wave(item, f"audio item {index}", min_samples=1)
             if sampling_rate is not None and sampling_rate != rate:

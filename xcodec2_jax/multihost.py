@@ -1,7 +1,7 @@
 """Cross-process agreement for multi-host runs (``jax.distributed``): the one place processes exchange values.
 
-The engine keeps processes in lockstep by exchanging small integer arrays before each device step. Every
-such exchange goes through :func:`allgather`, so how a failed or vanished peer is detected lives here.
+Every exchange of values between processes goes through :func:`allgather`, so how a failed or vanished peer
+is detected lives here. (The engine needs none: each process runs its own steps on its own devices.)
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ whole corpus, sorts it by id, takes its share (the ids whose hash falls to its p
 
 Multi-host
 ----------
-Under ``jax.distributed`` every process tokenizes its share and writes its own files, and the engine keeps the
-processes in lockstep (each step's bucket is agreed by all). ``process_index``/``process_count`` instead run
-independent jobs (no ``jax.distributed``) that split the corpus the same way.
+Under ``jax.distributed`` every process tokenizes its share on its own devices and writes its own files (the
+engine's steps need no communication, so processes never wait for each other). ``process_index``/
+``process_count`` instead run independent jobs (no ``jax.distributed``) that split the corpus the same way.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import Xcodec2Config
+from ..lengths import check_frame_lengths, check_sample_lengths
 from .acoustic import AcousticEncoder
 from .decoder import VocosDecoder
 from .layers import Array, Linear, Numerics
@@ -57,8 +58,9 @@ class Xcodec2Codec(nnx.Module):
         Args:
             waveform: (B, 1, T) float, T a multiple of the hop length.
             features: (B, T / hop, 160) float, stacked log-mel frames.
-            sample_lengths: (B,) int valid samples per item (multiples of the hop), or None. When given,
-                every item is encoded exactly as if it were alone (padding-exact batching).
+            sample_lengths: (B,) int valid samples per item (multiples of the hop in [hop, T]), or None.
+                When given, every item is encoded exactly as if it were alone (padding-exact batching). Other
+                values raise ``ValueError`` when they are concrete (they cannot be checked under ``jit``).
             feature_mask: (B, F_s) valid semantic frames, or None (all valid).
 
         ``F_s`` is ``T / hop`` (NeuCodec: ``T / hop - 1``, its features skip the edge padding); both branches
@@ -69,6 +71,7 @@ class Xcodec2Codec(nnx.Module):
         """
         semantic_mask = None
         if sample_lengths is not None:
+            check_sample_lengths(sample_lengths, waveform.shape[0], waveform.shape[-1], self.hop_length)
             frames = jnp.arange(features.shape[1])
             semantic_frames = sample_lengths // self.hop_length - self.semantic_frame_lag
             semantic_mask = frames[None, :] < semantic_frames[:, None]
@@ -88,8 +91,10 @@ class Xcodec2Codec(nnx.Module):
     def decode(self, latents: Array, frame_lengths: Array | None = None) -> Array:
         """Quantized latents (B, F, D) -> waveform (B, F * output hop) float32.
 
-        ``frame_lengths`` (B,) valid frames per item makes decoding padding-exact; None: all valid.
+        ``frame_lengths`` (B,) valid frames per item in [0, F] makes decoding padding-exact; None: all valid.
         """
+        if frame_lengths is not None:
+            check_frame_lengths(frame_lengths, latents.shape[0], latents.shape[1])
         return self.acoustic_decoder(latents, frame_lengths)
 
     def latents_from_codes(self, codes: Array) -> Array:
