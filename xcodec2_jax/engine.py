@@ -234,6 +234,9 @@ class Engine:
         self._jitted = step_functions(graphdef, self.mesh)
         self._compiled: dict[tuple[str, int], Any] = {}
         self.compile_seconds: dict[tuple[str, int], float] = {}
+        # Seconds of audio this process's device steps computed (every row of every step, filler rows and
+        # padding included); over the seconds of audio fed, it is the padding waste.
+        self.computed_seconds = 0.0
 
     # ---------------------------------------------------------------------------------- device plumbing
     def _replicate(self, state: nnx.State) -> nnx.State:
@@ -380,6 +383,7 @@ class Engine:
             batch = [queues[bucket].popleft() for _ in range(min(self.local_batch, len(queues[bucket])))] \
                 if bucket >= 0 else []
             outputs = self._run(kind, batch, step)
+            self.computed_seconds += self.local_batch * step / self.config.frame_rate
             for segment, output in zip(batch, outputs, strict=False):
                 entry = pending[segment.item]
                 entry.results[segment.index] = output
