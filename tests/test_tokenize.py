@@ -165,30 +165,42 @@ def test_codes_equal_encode_audio_with_other_neighbours(full_run, corpus, refere
 
 
 # ------------------------------------------------------------------------------------------- resume
-def test_resume_after_sigkill_gives_the_uninterrupted_output(full_run, corpus, reference, tmp_path):
+def finished_files(out: Path, output_format: str) -> dict[str, str]:
+    """name -> sha256 of every file of a finished shard (ArrayRecord: the index and its records)."""
+    index = "codes" if output_format == "parquet" else "index"
+    names = [p.name for p in out.glob(f"{index}-*.parquet")]
+    if output_format == "arrayrecord":
+        names += [n.replace("index-", "codes-").replace(".parquet", ".array_record") for n in names]
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "arrayrecord"])
+def test_resume_after_sigkill_gives_the_uninterrupted_output(full_run, corpus, reference, tmp_path, output_format):
     """kill -9 once the first shard exists (rows of the next shard are in memory), then run again."""
     out = tmp_path / "out"
-    command = cli("tokenize", corpus, "-o", out, "--model", reference.checkpoint, "--shard-size", 3, *CLI_OPTIONS)
+    command = cli("tokenize", corpus, "-o", out, "--model", reference.checkpoint, "--shard-size", 3,
+                  "--format", output_format, *CLI_OPTIONS)
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
-        while not list(out.glob("codes-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        while not finished_files(out, output_format) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         alive = proc.poll() is None
         proc.kill()
         proc.wait()
     assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'log.txt').read_text()[-3000:]}"
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("codes-*.parquet")}
-    assert 0 < sum(pq.read_metadata(out / name).num_rows for name in before) < 22, "not killed mid-run"
+    before = finished_files(out, output_format)
+    assert 0 < len(read_codes(out)) < 22, "not killed mid-run"
 
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already done" in result.stdout
     assert rows_of(out) == rows_of(full_run[1])
     assert error_ids(out) == sorted(BAD)
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("codes-*.parquet")}
+    after = finished_files(out, output_format)
     assert {k: after[k] for k in before} == before, "finished shards must never be rewritten"
-    assert not list(out.glob(".*tmp"))
+    assert len(after) == (8 if output_format == "parquet" else 16)  # 22 rows in shards of 3
+    assert not list(out.glob(".*tmp")) and not list(out.glob(".*claim"))
 
 
 def test_resume_retries_an_error_torn_by_a_crash(full_run, reference, corpus, tmp_path):
@@ -214,6 +226,10 @@ def test_refuses_another_fingerprint_unless_overwrite(reference, corpus, tmp_pat
     manifest["fingerprint"]["dtype"] = "bfloat16"  # as if a bfloat16 run had made the codes
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TokenizeError, match=r"differs in fingerprint\.dtype"):
+        tokenize_corpus(files, out, model=reference.model, **OPTIONS)
+    manifest["fingerprint"].update(dtype="float32", device_kind="TPU v5 lite", jaxlib="0.4.30")  # other numerics
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenizeError, match=r"differs in fingerprint\.device_kind, fingerprint\.jaxlib"):
         tokenize_corpus(files, out, model=reference.model, **OPTIONS)
     with pytest.raises(TokenizeError, match="differs from the given model's float32"):
         tokenize_corpus(files, out, model=reference.model, dtype="bfloat16", **OPTIONS)
