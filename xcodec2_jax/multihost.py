@@ -12,6 +12,8 @@ under the round's number and waits for the others' in short polls; between polls
 * a *failure flag*: a process that hits an exception inside :func:`fail_together` publishes
   ``"<type>: <message>"`` before it unwinds, and every peer waiting in an exchange raises
   :class:`PeerFailedError` naming that process and its error at its next poll (within ``POLL_SECONDS``);
+* an *exit flag*: a process that exits (an uncaught exception anywhere, ``sys.exit``) publishes that it is
+  gone from an ``atexit`` hook, which runs before JAX's own shutdown barrier would make its peers wait;
 * a *deadline*: a peer that neither answers nor flags a failure (killed, hung, network gone) makes the
   exchange raise :class:`PeerTimeoutError` naming it after ``timeout`` seconds (default
   ``$XCODEC2_JAX_PEER_TIMEOUT``, else ``DEFAULT_TIMEOUT_SECONDS``). JAX's own heartbeat (100 s by default)
@@ -24,9 +26,11 @@ round ``n`` is complete (every peer has read it by then), so the store stays sma
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -43,6 +47,7 @@ _PREFIX = "xcodec2_jax/"
 _FAILED = _PREFIX + "failed/"
 _ROUND = _PREFIX + "allgather/"
 _rounds = itertools.count()
+_exit_hook_registered = False
 
 
 class PeerError(RuntimeError):
@@ -62,10 +67,14 @@ def _client():
 
     JAX has no public accessor; ``global_state.client`` is what JAX's own array serialization and Orbax use.
     """
+    global _exit_hook_registered
     if jax.process_count() == 1:
         return None
     from jax._src import distributed
 
+    if not _exit_hook_registered:  # registered after JAX's shutdown hook, so it runs before it
+        atexit.register(_publish_exit)
+        _exit_hook_registered = True
     return distributed.global_state.client
 
 
@@ -147,13 +156,20 @@ def raise_if_failed(client=None) -> None:
         raise PeerFailedError(f"process {process} of {count} failed: {message} (process {me} stops too)")
 
 
-def report_failure(message: str) -> None:
+def report_failure(message: str, overwrite: bool = True) -> None:
     """Publish this process's failure so that every peer stops at its next exchange (best effort)."""
     client = _client()
     if client is None:
         return
-    with contextlib.suppress(Exception):  # the coordination service may be gone already: nothing to tell
-        client.key_value_set(f"{_FAILED}{jax.process_index()}", message, allow_overwrite=True)
+    with contextlib.suppress(Exception):  # the service may be gone, or (overwrite=False) a failure published
+        client.key_value_set(f"{_FAILED}{jax.process_index()}", message, allow_overwrite=overwrite)
+
+
+def _publish_exit() -> None:
+    """At exit: peers still waiting for this process in an exchange stop now. A peer that has passed the last
+    exchange never reads it, so a normal exit costs nothing."""
+    error = getattr(sys, "last_value", None)  # set by the interpreter for an uncaught exception
+    report_failure(f"exited ({type(error).__name__}: {error})" if error else "exited", overwrite=False)
 
 
 @contextlib.contextmanager
