@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 import soundfile as sf
 
 from convert.speech import speech_clip
+from convert.webdataset import audio_bytes, write_shard
 from xcodec2_jax.cli import main
 from xcodec2_jax.engine import EngineSettings
 from xcodec2_jax.tokenize import (
@@ -52,43 +52,25 @@ SAMPLES = [
 BAD_SAMPLES = {"bad/no_audio": "expected one audio member", "bad/corrupt": "cannot read the audio"}
 
 
-def _audio_bytes(seconds: float, rate: int, stereo: bool, fmt: str, subtype: str, seed: int) -> bytes:
-    wave = speech_clip(seconds, sampling_rate=rate, seed=seed)
-    if stereo:
-        wave = np.stack([wave, 0.5 * np.roll(wave, 41)], axis=1)
-    buffer = io.BytesIO()
-    sf.write(buffer, wave, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def webdataset(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     """One WebDataset shard: the ``SAMPLES`` (members of a sample adjacent, as WebDataset writes them), a
-    sample without audio, one with corrupt MP3 bytes, a folder entry and a macOS ``._`` stub. Also returns
-    each good sample's audio bytes."""
-    path = tmp_path_factory.mktemp("webdataset") / "shard-000000.tar"
-    audio = {}
-    with tarfile.open(path, "w") as tar:
-        folder = tarfile.TarInfo("spk0")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        for seed, (key, ext, fmt, subtype, rate, stereo, seconds, fields, text) in enumerate(SAMPLES):
-            audio[key] = _audio_bytes(seconds, rate, stereo, fmt, subtype, seed)
-            _add(tar, f"{key}.{ext}", audio[key])
-            if fields is not None:
-                _add(tar, f"{key}.json", json.dumps(fields).encode())
-            if text is not None:
-                _add(tar, f"{key}.txt", text.encode())
-        _add(tar, "bad/._no_audio.json", b"\x00\x05\x16\x07")
-        _add(tar, "bad/no_audio.json", b'{"text": "no audio here"}')
-        _add(tar, "bad/corrupt.mp3", os.urandom(3000))
-    return path, audio
+    sample without audio, one with corrupt MP3 bytes and a macOS ``._`` stub. Also returns each good sample's
+    audio bytes."""
+    audio, samples = {}, []
+    for seed, (key, ext, fmt, subtype, rate, stereo, seconds, fields, text) in enumerate(SAMPLES):
+        wave = speech_clip(seconds, sampling_rate=rate, seed=seed)
+        audio[key] = audio_bytes(np.stack([wave, 0.5 * np.roll(wave, 41)], axis=1) if stereo else wave, rate, fmt,
+                                 subtype)
+        members = {ext: audio[key]}
+        if fields is not None:
+            members["json"] = json.dumps(fields).encode()
+        if text is not None:
+            members["txt"] = text.encode()
+        samples.append((key, members))
+    samples += [("bad/._no_audio", {"json": b"\x00\x05\x16\x07"}), ("bad/no_audio", {"json": b'{"text": "?"}'}),
+                ("bad/corrupt", {"mp3": os.urandom(3000)})]
+    return write_shard(tmp_path_factory.mktemp("webdataset") / "shard-000000.tar", samples), audio
 
 
 def expected_codes(reference, data: bytes) -> np.ndarray:
