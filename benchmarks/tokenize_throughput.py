@@ -43,7 +43,7 @@ from convert.speech import speech_clip
 from convert.torch_reference import full_size_checkpoint
 from convert.webdataset import audio_bytes, write_shard
 from xcodec2_jax import Xcodec2Model
-from xcodec2_jax.engine import Engine, EngineSettings
+from xcodec2_jax.engine import Engine, EngineSettings, enable_compilation_cache
 from xcodec2_jax.tokenize import tokenize_corpus
 
 # (container, subtype, rate): what corpora ship, alternating.
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
+    enable_compilation_cache()  # as the command line does: a second run compiles nothing
     work = Path(tempfile.mkdtemp(prefix="xcodec2-tokenize-bench-"))
     try:
         begin = time.perf_counter()
