@@ -129,6 +129,14 @@ def test_tar_inputs_by_glob_and_refusals(webdataset, tmp_path):
         list_corpus([shard, tmp_path / "a.flac"])
 
 
+def test_a_repeated_key_across_tar_shards_stops_the_job(reference, webdataset, tmp_path):
+    """Read lazily, a repeated id is found as the job meets it: the job stops, keeping what it finished."""
+    samples = [(f"spk/{i}", {"flac": webdataset[1]["spk0/utt0000"]}) for i in range(3)]
+    shards = [write_shard(tmp_path / f"shard-{n}.tar", samples[n:]) for n in range(2)]  # spk/1, spk/2 twice
+    with pytest.raises(CorpusError, match="id 'spk/1' appears twice in the corpus"):
+        tokenize_corpus(shards, tmp_path / "out", model=reference.model, **OPTIONS)
+
+
 def test_hf_audio_parquet_by_row_group(reference, webdataset, tmp_path):
     """🤗 Audio structs ({"bytes", "path"}); ids <file>/<row>; processes split by row group; text kept."""
     datasets = pytest.importorskip("datasets")
