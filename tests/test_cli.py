@@ -7,11 +7,9 @@ behaviour (help, usage errors, the tokenize contract) is checked in-process thro
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from safetensors import safe_open
 
 from convert.speech import speech_clip
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
-from xcodec2_jax.audio import AudioError
 from xcodec2_jax.cli import build_parser, main
 from xcodec2_jax.engine import EngineSettings
 
@@ -206,41 +203,16 @@ def test_usage_errors_exit_2_before_loading_anything(tmp_path, capsys):
     assert "--batch-size: must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
-def _stub_tokenize_module(calls: list) -> types.ModuleType:
-    """A stand-in for xcodec2_jax.tokenize with the agreed interface."""
-    stub = types.ModuleType("xcodec2_jax.tokenize")
-    stub.add_tokenize_arguments = lambda parser: parser.add_argument("inputs", nargs="+")
-    stub.add_detokenize_arguments = lambda parser: parser.add_argument("shards", nargs="+")
-
-    def run_tokenize(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    def run_detokenize(args: argparse.Namespace) -> int:
-        raise AudioError(f"{args.shards[0]}: no such file")
-
-    stub.run_tokenize, stub.run_detokenize = run_tokenize, run_detokenize
-    return stub
-
-
-def test_tokenize_commands_get_the_common_options(monkeypatch, capsys):
-    calls: list[argparse.Namespace] = []
-    monkeypatch.setitem(sys.modules, "xcodec2_jax.tokenize", _stub_tokenize_module(calls))
-
-    assert main(["tokenize", "a.wav", "b.wav", "--model", "some/dir", "--batch-size", "3", "--no-progress",
-                 "--no-compile-cache"]) == 0
-    (args,) = calls
-    assert args.inputs == ["a.wav", "b.wav"]
-    assert (args.model, args.revision, args.dtype, args.batch_size, args.no_progress) == (
-        "some/dir", None, "float32", 3, True)
-    code = main(["detokenize", "shard-0.parquet", "--no-compile-cache"])
-    assert_one_line_error(code, capsys.readouterr().err, "shard-0.parquet: no such file")
-
-
-def test_tokenize_commands_absent_when_the_module_cannot_be_imported(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "xcodec2_jax.tokenize", None)  # makes the import raise ImportError
-    assert "tokenize and detokenize are unavailable" in build_parser().format_help()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tokenize", "a.wav"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'tokenize'" in capsys.readouterr().err
+def test_tokenize_commands_parse_their_options(capsys):
+    """One parser: tokenize/detokenize take the common options, reject a batch size of 0 like the others."""
+    args = build_parser().parse_args(["tokenize", "a.tar", "b.tar", "-o", "out", "--model", "some/dir",
+                                      "--batch-size", "3", "--keep-columns", "text", "speaker", "--format",
+                                      "arrayrecord", "--streaming", "--retry-errors", "--no-progress"])
+    assert (args.inputs, args.output, args.model, args.batch_size, args.keep_columns, args.format) == (
+        ["a.tar", "b.tar"], Path("out"), "some/dir", 3, ["text", "speaker"], "arrayrecord")
+    assert args.streaming and args.retry_errors and args.no_progress and args.retries == 3
+    for command in (["tokenize", "a.tar", "-o", "out"], ["detokenize", "codes/", "-o", "wav"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--batch-size", "0"])
+        assert exit_info.value.code == 2
+        assert "--batch-size: must be an integer >= 1, got '0'" in capsys.readouterr().err

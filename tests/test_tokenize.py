@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
+import jaxlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -25,19 +27,19 @@ import soundfile as sf
 from conftest import assert_nontrivial
 
 from convert.speech import speech_clip
-from xcodec2_jax.corpus import CorpusError, list_corpus, partition
+from xcodec2_jax.cli import main
 from xcodec2_jax.engine import EngineSettings
 from xcodec2_jax.tokenize import (
-    SHARD_SCHEMA,
     TokenizeError,
-    _load_model,
     detokenize_corpus,
-    main,
+    load_model,
     read_codes,
     read_errors,
+    row_schema,
     tokenize_corpus,
     wav_path,
 )
+from xcodec2_jax.tokenize.sources import CorpusError, list_corpus, partition
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = EngineSettings(batch_size=4, bucket_seconds=(1.6,))
@@ -90,7 +92,7 @@ def error_ids(out: Path) -> list[str]:
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "xcodec2_jax.tokenize", *map(str, args)]
+    return [sys.executable, "-m", "xcodec2_jax.cli", *map(str, args)]
 
 
 def env() -> dict[str, str]:
@@ -120,10 +122,10 @@ def test_one_row_per_good_file_and_bad_files_in_errors(full_run, corpus, referen
     assert not summary.all_bad and summary.realtime_factor > 0
 
     shards = sorted(p.name for p in out.glob("codes-*.parquet"))
-    assert shards == [f"codes-00000-{s:05d}.parquet" for s in range(5)]
+    assert shards == [f"codes-00000-{s:05d}.parquet" for s in range(5)] == [s.data.name for s in summary.shards]
     assert [pq.read_metadata(out / s).num_rows for s in shards] == [5, 5, 5, 5, 2]
     table = read_codes(out)
-    assert table.schema.equals(SHARD_SCHEMA)
+    assert table.schema.equals(row_schema())
     for row in table.to_pylist():
         info = sf.info(corpus / row["id"])
         assert row["orig_sampling_rate"] == info.samplerate
@@ -134,8 +136,17 @@ def test_one_row_per_good_file_and_bad_files_in_errors(full_run, corpus, referen
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"inputs": 26, "rows": 22, "errors": 4, "shards": 5,
                                   "audio_hours": pytest.approx(table.column("duration_s").to_numpy().sum() / 3600)}
-    assert manifest["fingerprint"]["dtype"] == "float32"
-    assert manifest["fingerprint"]["weights"].startswith("files-sha256:")
+    fingerprint = manifest["fingerprint"]
+    assert fingerprint["weights"].startswith("files-sha256:")
+    assert {k: fingerprint[k] for k in ("dtype", "precision", "backend", "device_kind")} == {
+        "dtype": "float32", "precision": "HIGHEST", "backend": "cpu", "device_kind": "cpu"}
+    assert (fingerprint["jax"], fingerprint["jaxlib"]) == (jax.__version__, jaxlib.__version__)
+    assert manifest["output"] == {"format": "parquet", "columns": []}
+    # Padding waste: 22 clips of 0.5-1.55 s in 1.6 s buckets of 4 (6 steps, 2 filler rows).
+    run = manifest["last_run"]
+    assert run["audio_seconds"] == pytest.approx(summary.audio_seconds)
+    assert run["computed_seconds"] == pytest.approx(6 * 4 * 1.6) == pytest.approx(summary.computed_seconds)
+    assert run["padding_ratio"] == pytest.approx(summary.padding_ratio) and run["padding_ratio"] > 1
     assert manifest["model"] == {"id": str(reference.checkpoint), "revision": None,
                                  "directory": str(reference.checkpoint)}
     assert manifest["settings"]["bucket_seconds"] == [1.6]
@@ -154,30 +165,42 @@ def test_codes_equal_encode_audio_with_other_neighbours(full_run, corpus, refere
 
 
 # ------------------------------------------------------------------------------------------- resume
-def test_resume_after_sigkill_gives_the_uninterrupted_output(full_run, corpus, reference, tmp_path):
+def finished_files(out: Path, output_format: str) -> dict[str, str]:
+    """name -> sha256 of every file of a finished shard (ArrayRecord: the index and its records)."""
+    index = "codes" if output_format == "parquet" else "index"
+    names = [p.name for p in out.glob(f"{index}-*.parquet")]
+    if output_format == "arrayrecord":
+        names += [n.replace("index-", "codes-").replace(".parquet", ".array_record") for n in names]
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "arrayrecord"])
+def test_resume_after_sigkill_gives_the_uninterrupted_output(full_run, corpus, reference, tmp_path, output_format):
     """kill -9 once the first shard exists (rows of the next shard are in memory), then run again."""
     out = tmp_path / "out"
-    command = cli("tokenize", corpus, "-o", out, "--model", reference.checkpoint, "--shard-size", 3, *CLI_OPTIONS)
+    command = cli("tokenize", corpus, "-o", out, "--model", reference.checkpoint, "--shard-size", 3,
+                  "--format", output_format, *CLI_OPTIONS)
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
-        while not list(out.glob("codes-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        while not finished_files(out, output_format) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         alive = proc.poll() is None
         proc.kill()
         proc.wait()
     assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'log.txt').read_text()[-3000:]}"
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("codes-*.parquet")}
-    assert 0 < sum(pq.read_metadata(out / name).num_rows for name in before) < 22, "not killed mid-run"
+    before = finished_files(out, output_format)
+    assert 0 < len(read_codes(out)) < 22, "not killed mid-run"
 
     result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "already done" in result.stdout
     assert rows_of(out) == rows_of(full_run[1])
     assert error_ids(out) == sorted(BAD)
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("codes-*.parquet")}
+    after = finished_files(out, output_format)
     assert {k: after[k] for k in before} == before, "finished shards must never be rewritten"
-    assert not list(out.glob(".*tmp"))
+    assert len(after) == (8 if output_format == "parquet" else 16)  # 22 rows in shards of 3
+    assert not list(out.glob(".*tmp")) and not list(out.glob(".*claim"))
 
 
 def test_resume_retries_an_error_torn_by_a_crash(full_run, reference, corpus, tmp_path):
@@ -202,7 +225,11 @@ def test_refuses_another_fingerprint_unless_overwrite(reference, corpus, tmp_pat
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["fingerprint"]["dtype"] = "bfloat16"  # as if a bfloat16 run had made the codes
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TokenizeError, match="differs in dtype"):
+    with pytest.raises(TokenizeError, match=r"differs in fingerprint\.dtype"):
+        tokenize_corpus(files, out, model=reference.model, **OPTIONS)
+    manifest["fingerprint"].update(dtype="float32", device_kind="TPU v5 lite", jaxlib="0.4.30")  # other numerics
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenizeError, match=r"differs in fingerprint\.device_kind, fingerprint\.jaxlib"):
         tokenize_corpus(files, out, model=reference.model, **OPTIONS)
     with pytest.raises(TokenizeError, match="differs from the given model's float32"):
         tokenize_corpus(files, out, model=reference.model, dtype="bfloat16", **OPTIONS)
@@ -280,7 +307,7 @@ def test_all_bad_inputs_exit_non_zero(corpus, reference, tmp_path, capsys):
     code = main(["tokenize", str(tmp_path / "bad"), "-o", str(out), "--model", str(reference.checkpoint),
                  "--no-progress"])
     assert code == 1
-    assert "all 4 inputs are bad" in capsys.readouterr().err
+    assert "error: all 4 inputs are bad" in capsys.readouterr().err
     assert len(error_ids(out)) == 4 and not list(out.glob("codes-*"))
 
 
@@ -299,14 +326,16 @@ def test_manifests_ids_and_partition(corpus, tmp_path):
     (tmp_path / "corpus_link").symlink_to(corpus)
     items = list_corpus(tmp_path / "list.txt")  # relative paths are resolved against the manifest's folder
     assert [i.id for i in items] == sorted(["corpus_link/spk1/utt01.flac", f"{corpus}/spk0/utt00.wav"])
-    wave, rate = items[-1].load(16000)  # utt01.flac
-    assert rate == 22050 and wave.dtype == np.float32 and wave.ndim == 1
+    wave, rate, metadata = items[-1].load(16000)  # utt01.flac
+    assert rate == 22050 and wave.dtype == np.float32 and wave.ndim == 1 and metadata == {}
 
     (tmp_path / "list.jsonl").write_text(json.dumps({"path": f"{corpus}/spk0/utt00.wav", "id": "a"}) + "\n\n"
                                          + json.dumps({"path": "corpus_link/spk1/utt01.flac"}) + "\n")
-    assert [i.id for i in list_corpus(tmp_path / "list.jsonl")] == ["a", "corpus_link/spk1/utt01.flac"]
+    items = list_corpus(tmp_path / "list.jsonl")
+    assert [i.id for i in items] == ["a", "corpus_link/spk1/utt01.flac"]
+    assert items[0].load(16000).metadata == {"path": f"{corpus}/spk0/utt00.wav", "id": "a"}  # for keep_columns
     (tmp_path / "dup.txt").write_text("x.wav\nx.wav\n")
-    with pytest.raises(CorpusError, match="duplicate id"):
+    with pytest.raises(CorpusError, match="repeated id"):
         list_corpus(tmp_path / "dup.txt")
     (tmp_path / "bad.jsonl").write_text('{"id": "no path"}\n')
     with pytest.raises(CorpusError, match=r"bad\.jsonl:1: expected an object with a string 'path'"):
@@ -346,7 +375,7 @@ def test_dataset_on_disk(reference, tmp_path):
     assert "dataset row 2 (id 'spk/c')" in read_errors(tmp_path / "out")["spk/c"]
     with pytest.raises(CorpusError, match="no split 'test'"):
         list_corpus(datasets.DatasetDict({"train": table}), split="test")
-    with pytest.raises(CorpusError, match="no column 'speech'"):
+    with pytest.raises(CorpusError, match=r"no column\(s\) \['speech'\]"):
         list_corpus(table, audio_column="speech")
 
 
@@ -388,8 +417,9 @@ def test_detokenize_refuses_another_model_and_unknown_ids(full_run, reference, t
 
 def test_checkpoint_identity_does_not_depend_on_dtype(reference):
     """Codes made in float32 decode in bfloat16 (and back): the weight files identify the model."""
-    identities = [_load_model(str(reference.checkpoint), None, dtype)[1] for dtype in ("float32", "bfloat16")]
-    assert identities[0] == identities[1] and identities[0]["weights"].startswith("files-sha256:")
+    loaded = [load_model(str(reference.checkpoint), None, dtype) for dtype in ("float32", "bfloat16")]
+    assert loaded[0].weights == loaded[1].weights and loaded[0].weights.startswith("files-sha256:")
+    assert loaded[0].source == loaded[1].source
 
 
 @pytest.mark.parametrize("item_id, expected", [("a.wav", "a.wav"), ("spk/b.flac", "spk/b.flac.wav"),

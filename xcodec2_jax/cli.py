@@ -2,8 +2,8 @@
 
 Subcommands: ``encode`` (audio files -> one ``.npy`` of int32 codes each), ``decode`` (``.npy`` codes -> 16-bit
 WAV each, at the model's output rate), ``roundtrip`` (one file through the codec), ``convert`` (any known
-checkpoint layout -> Flax checkpoint), ``export`` (-> Transformers checkpoint), and ``tokenize`` /
-``detokenize`` when :mod:`xcodec2_jax.tokenize` is importable.
+checkpoint layout -> Flax checkpoint), ``export`` (-> Transformers checkpoint), ``tokenize`` (a corpus ->
+shards of code rows, :mod:`xcodec2_jax.tokenize`) and ``detokenize``.
 
 Conventions:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import math
 import os
 import sys
@@ -33,7 +32,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 from safetensors import safe_open
@@ -54,6 +52,11 @@ from .hub import (
 )
 from .model import Xcodec2Model
 from .streaming import DEFAULT_SETTINGS, StreamingDecoder
+from .tokenize import detokenize_corpus, tokenize_corpus
+from .tokenize.checkpoint import DTYPES
+from .tokenize.checkpoint import load_model as load_named_model
+from .tokenize.pipeline import DEFAULT_RETRIES, DEFAULT_SHARD_SIZE, DEFAULT_WORKERS
+from .tokenize.store import ERRORS_NAME, FORMATS
 
 PROG = "xcodec2-jax"
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130
@@ -62,7 +65,6 @@ DEBUG_ENV = "XCODEC2_JAX_DEBUG"
 # X-Codec2's audio rate; audio files are resampled to it when read.
 SAMPLING_RATE = 16000
 NPY_MAGIC = b"\x93NUMPY"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Long messages (a CheckpointError lists every bad key) are cut so the error stays one readable line.
 MAX_MESSAGE_CHARS = 600
 # A write to an open file that fails for want of space names no file, and is no bug either.
@@ -80,7 +82,7 @@ class CliError(Xcodec2Error):
 # ----------------------------------------------------------------------------------------------- helpers
 def load_model(args: argparse.Namespace) -> Xcodec2Model:
     """The model named by ``--model`` / ``--revision`` / ``--dtype``."""
-    return Xcodec2Model.from_pretrained(args.model, dtype=DTYPES[args.dtype], revision=args.revision)
+    return load_named_model(args.model, args.revision, args.dtype).model
 
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
@@ -259,6 +261,30 @@ def run_export(args: argparse.Namespace) -> int:
     return _rewrite_checkpoint(args, "transformers", TRANSFORMERS_WEIGHTS_NAME, "exported")
 
 
+def run_tokenize(args: argparse.Namespace) -> int:
+    """``tokenize``: 0 when done, 1 when every input was bad."""
+    summary = tokenize_corpus(
+        args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.output, model=args.model,
+        revision=args.revision, dtype=args.dtype, batch_size=args.batch_size, buckets=args.buckets,
+        shard_size=args.shard_size, workers=args.workers, process_index=args.process_index,
+        process_count=args.process_count, split=args.split, audio_column=args.audio_column,
+        streaming=args.streaming, keep_columns=args.keep_columns, output_format=args.format, retries=args.retries,
+        retry_errors=args.retry_errors, overwrite=args.overwrite, progress=not args.no_progress)
+    print(summary)
+    if summary.all_bad:
+        raise CliError(f"all {summary.inputs} inputs are bad; reasons in {args.output / ERRORS_NAME}")
+    return 0
+
+
+def run_detokenize(args: argparse.Namespace) -> int:
+    """``detokenize``: shards of code rows -> ``WAV_DIR/<id>.wav``."""
+    paths = detokenize_corpus(args.codes_dir, args.output, model=args.model, revision=args.revision,
+                              dtype=args.dtype, ids=args.ids, batch_size=args.batch_size, buckets=args.buckets,
+                              progress=not args.no_progress)
+    print(f"wrote {len(paths)} WAV file(s) under {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def _positive_int(text: str) -> int:
     try:
@@ -357,6 +383,32 @@ examples:
   {PROG} export --src ./xcodec2-original --out ./xcodec2-hf
 """
 
+TOKENIZE_EPILOG = f"""\
+Writes OUT_DIR/codes-PPPPP-SSSSS.parquet (columns id, codes, num_codes, duration_s, orig_sampling_rate and
+the --keep-columns), or with --format arrayrecord codes-PPPPP-SSSSS.array_record + index-PPPPP-SSSSS.parquet,
+plus {ERRORS_NAME} (bad inputs and why) and manifest.json. Ids are paths relative to the input folder, manifest
+ids, tar sample keys (spk0/utt0001), or dataset / Parquet ids or row numbers. Running the same command again
+resumes, also after kill -9: every input ends up in exactly one row or one error. Exit status 1 when every
+input is bad.
+
+examples:
+  {PROG} tokenize data/wavs -o tokens/
+  {PROG} tokenize "shards/emilia-*.tar" -o tokens/ --keep-columns text speaker --format arrayrecord
+  {PROG} tokenize train-*.parquet -o tokens/ --audio-column audio --keep-columns text
+  {PROG} tokenize someone/speech-corpus --streaming --split train -o tokens/ --keep-columns text
+  {PROG} tokenize train.jsonl -o tokens/ --batch-size 32 --buckets 5 10 20 30
+  {PROG} tokenize data/wavs -o tokens/ --process-index 3 --process-count 8   # job 3 of 8
+"""
+
+DETOKENIZE_EPILOG = f"""\
+Writes WAV_DIR/<id>.wav (16-bit PCM at the model's output rate): "/" in ids become subfolders, ".wav" is
+appended unless the id ends with it; ids with ".." are refused. The model must be the one that made the codes.
+
+examples:
+  {PROG} detokenize tokens/ -o decoded/
+  {PROG} detokenize tokens/ -o decoded/ --ids spk1/utt01.flac spk2/utt07.wav
+"""
+
 MAIN_EPILOG = f"""\
 Run `{PROG} COMMAND --help` for a command's options and examples. Exit status: 0 success, 1 bad input,
 checkpoint or file, 2 usage error, 70 a bug in xcodec2-jax (printed with its traceback: please report it).
@@ -372,31 +424,60 @@ def _add_command(subparsers, name: str, handler: Callable[[argparse.Namespace], 
     return parser
 
 
-def _add_tokenize_commands(subparsers, common: argparse.ArgumentParser) -> str | None:
-    """Register ``tokenize`` / ``detokenize`` from :mod:`xcodec2_jax.tokenize`; returns why not, if it can't.
+def _add_corpus_commands(subparsers, common: argparse.ArgumentParser) -> None:
+    """``tokenize`` and ``detokenize`` (:mod:`xcodec2_jax.tokenize`)."""
+    tokenize = _add_command(subparsers, "tokenize", run_tokenize, "encode a corpus into shards of code rows",
+                            TOKENIZE_EPILOG, [common])
+    tokenize.add_argument("inputs", nargs="+", metavar="INPUT",
+                          help="a folder of audio files (recursive), a .txt manifest (a path a line), a .jsonl "
+                               "manifest ({'path', 'id', ...} a line), WebDataset .tar shards or .parquet files "
+                               "(paths or a quoted glob), or a Hugging Face dataset (a Hub name or a "
+                               "save_to_disk folder; needs `datasets`)")
+    tokenize.add_argument("-o", "--output", required=True, type=Path, metavar="OUT_DIR",
+                          help="output folder; an existing one made with the same model and settings is resumed")
+    tokenize.add_argument("--format", choices=FORMATS, default="parquet",
+                          help="shard format (default: %(default)s; arrayrecord needs `array_record`)")
+    tokenize.add_argument("--keep-columns", nargs="+", default=[], metavar="NAME",
+                          help="metadata fields to copy into each row as string columns of the same names "
+                               "(e.g. text speaker: a tar sample's .json fields and .txt as text, a manifest's "
+                               "fields, a dataset's columns)")
+    _add_buckets_argument(tokenize)
+    tokenize.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
+                          help="threads decoding audio ahead of the device (default: %(default)s)")
+    tokenize.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, metavar="ROWS",
+                          help="rows per shard (default: %(default)s)")
+    tokenize.add_argument("--split", help="dataset split")
+    tokenize.add_argument("--audio-column", default="audio", help="dataset or Parquet audio column "
+                                                                  "(default: %(default)s)")
+    tokenize.add_argument("--streaming", action="store_true",
+                          help="read a Hugging Face dataset as a stream (IterableDataset): nothing downloaded "
+                               "up front")
+    tokenize.add_argument("--process-index", type=int, metavar="I",
+                          help="this job's index among --process-count independent jobs")
+    tokenize.add_argument("--process-count", type=_positive_int, metavar="N",
+                          help="split the corpus among this many independent jobs")
+    tokenize.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                          help="retries of an input whose reading fails with an I/O or memory error, with "
+                               "exponential backoff, before it is logged as bad (default: %(default)s)")
+    tokenize.add_argument("--retry-errors", action="store_true", help="try the inputs logged as bad again")
+    tokenize.add_argument("--overwrite", action="store_true",
+                          help="delete the outputs of a run with another model, numerics, format or columns "
+                               "instead of refusing")
 
-    Contract with that module: ``add_tokenize_arguments(parser)`` / ``add_detokenize_arguments(parser)`` add
-    their own arguments (and may set ``parser.description`` / ``parser.epilog``); ``run_tokenize(args)`` /
-    ``run_detokenize(args)`` return the exit status. The parsers are built with ``parents=[common]``, so
-    ``args.model``, ``args.revision``, ``args.dtype``, ``args.batch_size``, ``args.no_progress``,
-    ``args.no_compile_cache`` and ``args.debug`` already exist: the add functions must not redefine them.
-    The compilation cache is enabled (unless ``--no-compile-cache``) and user errors are reported by
-    :func:`main`, as for the other commands.
-    """
-    try:
-        tokenize = importlib.import_module("xcodec2_jax.tokenize")
-    except ImportError as err:  # not installed, or an optional dependency (e.g. pyarrow) missing
-        return str(err)
-    commands = (
-        ("tokenize", tokenize.add_tokenize_arguments, tokenize.run_tokenize,
-         "encode a corpus of audio files into code shards"),
-        ("detokenize", tokenize.add_detokenize_arguments, tokenize.run_detokenize,
-         "decode code shards back to audio files"),
-    )
-    for name, add_arguments, handler, summary in commands:
-        parser = _add_command(subparsers, name, handler, summary, "", [common])
-        add_arguments(parser)
-    return None
+    detokenize = _add_command(subparsers, "detokenize", run_detokenize, "decode shards of code rows to WAV files",
+                              DETOKENIZE_EPILOG, [common])
+    detokenize.add_argument("codes_dir", metavar="CODES_DIR", help="a folder written by `tokenize`")
+    detokenize.add_argument("-o", "--output", required=True, type=Path, metavar="WAV_DIR",
+                            help="folder for the 16 kHz WAV files")
+    detokenize.add_argument("--ids", nargs="+", help="decode only these ids (default: all)")
+    _add_buckets_argument(detokenize)
+
+
+def _add_buckets_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--buckets", type=float, nargs="+", metavar="SECONDS",
+                        default=EngineSettings.bucket_seconds,
+                        help="padded lengths, each compiled once (default: "
+                             f"{' '.join(f'{b:g}' for b in EngineSettings.bucket_seconds)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,9 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
         command.add_argument("--revision", help="Hub branch, tag or commit of --src")
 
-    unavailable = _add_tokenize_commands(subparsers, common)
-    if unavailable:
-        parser.epilog += f"\n(tokenize and detokenize are unavailable: {unavailable})\n"
+    _add_corpus_commands(subparsers, common)
     return parser
 
 

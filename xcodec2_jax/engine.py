@@ -263,18 +263,18 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if not self.bucket_seconds or min(self.bucket_seconds) <= 0:
-            raise ValueError(f"bucket_seconds={self.bucket_seconds} must be positive")
+            raise ConfigError(f"bucket_seconds={self.bucket_seconds} must be positive")
         if not 0 < self.overlap_seconds < self.window_seconds:
-            raise ValueError(f"overlap_seconds={self.overlap_seconds} must be in (0, window_seconds="
+            raise ConfigError(f"overlap_seconds={self.overlap_seconds} must be in (0, window_seconds="
                              f"{self.window_seconds})")
         if not 0 <= self.crossfade_seconds <= self.overlap_seconds:
-            raise ValueError(f"crossfade_seconds={self.crossfade_seconds} must be in [0, overlap_seconds="
+            raise ConfigError(f"crossfade_seconds={self.crossfade_seconds} must be in [0, overlap_seconds="
                              f"{self.overlap_seconds}]: a longer fade reaches past a window's edge, and the "
                              "windows' weights would no longer sum to 1")
         if self.workers < 0 or self.pool_batches < 1:
-            raise ValueError(f"workers={self.workers} must be >= 0 and pool_batches={self.pool_batches} >= 1")
+            raise ConfigError(f"workers={self.workers} must be >= 0 and pool_batches={self.pool_batches} >= 1")
 
 
 @dataclasses.dataclass
@@ -408,7 +408,7 @@ class Engine:
         # both edges; the cross-fade (<= the overlap) then lies inside both windows.
         self.overlap_frames = 2 * math.ceil(round(self.settings.overlap_seconds * rate, 9) / 2)  # 9: float noise
         if self.overlap_frames >= self.window_frames:
-            raise ValueError(f"overlap_seconds={self.settings.overlap_seconds} rounds to {self.overlap_frames} "
+            raise ConfigError(f"overlap_seconds={self.settings.overlap_seconds} rounds to {self.overlap_frames} "
                              f"frames, not less than the {self.window_frames}-frame window")
         self.fade_samples = int(self.settings.crossfade_seconds * self.config.output_rate)
         self.buckets = tuple(sorted({min(round(s * rate), self.window_frames) for s in self.settings.bucket_seconds}
