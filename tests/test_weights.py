@@ -18,7 +18,7 @@ from transformers import Xcodec2Config as TorchXcodec2Config
 from transformers import Xcodec2Model as TorchXcodec2Model
 
 from xcodec2_jax import CheckpointError, Xcodec2Config, Xcodec2Model
-from xcodec2_jax.nn.acoustic import FILTER_TAPS, RATIO, kaiser_sinc_filter
+from xcodec2_jax.nn.antialias import FILTER_TAPS, RATIO, kaiser_sinc_filter
 from xcodec2_jax.nn.codec import Xcodec2Codec
 from xcodec2_jax.nn.decoder import hann_window, rope_tables
 from xcodec2_jax.nn.quantizer import FSQ
