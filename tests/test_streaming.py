@@ -107,6 +107,7 @@ def test_batched_joins_and_leaves_equal_each_stream_alone(reference, speech_code
     """Streams join, finish and leave at different steps; each one's audio equals decoding it alone."""
     alone = StreamingDecoder(reference.model, **SMALL)
     batched = BatchedStreamingDecoder(reference.model, slots=3, **SMALL)
+    assert batched.state is reference.model.device_model().state  # the engines' weights, not a second copy
     streams = {name: np.roll(speech_codes, 11 * k)[:length]
                for k, (name, length) in enumerate({"a": 40, "b": 23, "c": 7, "d": 31, "dropped": 30}.items())}
     joins = {"a": 0, "b": 0, "dropped": 2, "c": 5, "d": 9}  # first tick at which each stream may start

@@ -330,10 +330,15 @@ class Xcodec2Model:
         """
         settings = settings or EngineSettings()
         if settings not in self._engines:
-            if self._device is None:
-                self._device = DeviceModel(self.graphdef, self.state, self.config)
-            self._engines[settings] = Engine(self._device, settings)
+            self._engines[settings] = Engine(self.device_model(), settings)
         return self._engines[settings]
+
+    def device_model(self) -> DeviceModel:
+        """The weights replicated on this process's devices, placed on first use and then shared by every
+        engine and streaming decoder of this model."""
+        if self._device is None:
+            self._device = DeviceModel(self.graphdef, self.state, self.config)
+        return self._device
 
     def encode_audio(self, waves_or_paths, sampling_rate: int | None = None, *, progress: bool = False,
                      settings: EngineSettings | None = None) -> list[np.ndarray]:

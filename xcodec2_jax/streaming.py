@@ -265,8 +265,10 @@ class BatchedStreamingDecoder:
 
     Each stream's audio equals decoding it alone with :class:`StreamingDecoder` (same settings): rows carry
     their own valid lengths and the decoder is padding-exact per row. ``slots`` is rounded up to a multiple
-    of the number of devices; parameters are replicated and the slots split over ``devices`` (default: this
-    process's devices) along ``xcodec2_jax.engine.DATA_AXIS``.
+    of the number of devices; parameters are replicated and the slots split over ``devices`` along
+    ``xcodec2_jax.engine.DATA_AXIS``. By default (this process's devices) the decoder uses the weights the
+    model's engines hold there (:meth:`Xcodec2Model.device_model`): no second copy; other ``devices`` get
+    their own.
     """
 
     def __init__(self, model: Xcodec2Model, slots: int = 8, chunk_frames: int = DEFAULT_SETTINGS.chunk_frames,
@@ -279,10 +281,14 @@ class BatchedStreamingDecoder:
         if slots < 1:
             raise ConfigError(f"slots={slots} must be >= 1")
         self.settings = StreamingSettings(chunk_frames, left_context_frames, lookahead_frames, memory_frames)
-        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), (DATA_AXIS,))
+        if devices is None:  # the weights the model's engines already hold on this process's devices
+            shared = model.device_model()
+            self.mesh, self.state = shared.mesh, shared.state
+        else:
+            self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
+            self.state = jax.device_put(model.state, NamedSharding(self.mesh, PartitionSpec()))
         self.slots = math.ceil(slots / self.mesh.size) * self.mesh.size
         self._model = model
-        self.state = jax.device_put(model.state, NamedSharding(self.mesh, PartitionSpec()))
         self._batched = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         executable = _compiled_step(model, self.settings, self.mesh, self.slots, transform)
         self._step, self.hop = executable.step, executable.hop
