@@ -93,8 +93,8 @@ def test_nan_in_padding_does_not_reach_valid_frames():
 
     block = ResNetBlock(Xcodec2Config(hidden_size=64, quantization_dim=64 + 1024), numerics=numerics, rngs=rngs)
     hidden = _rng(7).standard_normal((2, frames, 64)).astype(np.float32)
-    clean = np.asarray(block(jnp.asarray(hidden), jnp.asarray(mask[..., None])))
-    dirty = np.asarray(block(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask[..., None])))
+    clean = np.asarray(block(jnp.asarray(hidden), jnp.asarray(mask[..., None]))[0])
+    dirty = np.asarray(block(jnp.asarray(_poison(hidden, valid, 1)), jnp.asarray(mask[..., None]))[0])
     np.testing.assert_array_equal(dirty[1, :valid], clean[1, :valid])
 
 

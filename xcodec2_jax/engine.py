@@ -91,15 +91,18 @@ def _encode_arrays(graphdef: nnx.GraphDef, state: nnx.State, waveform: Array, fe
 
 
 def encode_arrays(graphdef: nnx.GraphDef, state: nnx.State, waveform: Array, features: Array,
-                  sample_lengths: Array | None = None, feature_mask: Array | None = None) -> tuple[Array, Array]:
+                  sample_lengths: Array | None = None, feature_mask: Array | None = None,
+                  hop_length: int | None = None) -> tuple[Array, Array]:
     """Any-shape jitted :meth:`Xcodec2Codec.encode` (one compilation per shape): (codes, latents).
 
     ``sample_lengths`` (B,) must be multiples of the hop in [hop, T]; anything else raises ``ValueError``
-    (checked here, before tracing, where the values are known).
+    (checked here, before tracing, where the values are known). ``hop_length``: the config's; None takes
+    ``T / features.shape[1]``, right for X-Codec2 (NeuCodec's features are one frame shorter: pass it).
     """
     if sample_lengths is not None:
         total = np.shape(waveform)[-1]
-        check_sample_lengths(sample_lengths, np.shape(waveform)[0], total, total // max(np.shape(features)[1], 1))
+        hop_length = hop_length or total // max(np.shape(features)[1], 1)
+        check_sample_lengths(sample_lengths, np.shape(waveform)[0], total, hop_length)
     return _encode_arrays(graphdef, state, waveform, features, sample_lengths, feature_mask)
 
 

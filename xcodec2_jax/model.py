@@ -239,7 +239,8 @@ class Xcodec2Model:
         elif lengths is not None:
             valid = lengths // hop - self.config.semantic_frame_lag
             feature_mask = jnp.arange(semantic_frames)[None, :] < valid[:, None]
-        codes, latents = engine.encode_arrays(self.graphdef, self.state, waveform, features, lengths, feature_mask)
+        codes, latents = engine.encode_arrays(self.graphdef, self.state, waveform, features, lengths, feature_mask,
+                                              hop_length=hop)
         codes_mask = None
         if padding_mask is not None:
             # The padding mask counts each clip's samples plus the one zero the extractor appends. X-Codec2 (as

@@ -22,7 +22,7 @@ from flax import nnx
 from ..config import Xcodec2Config
 from . import acoustic_pallas
 from .antialias import polyphase_xla, snake_parameters
-from .layers import Array, Conv1d, Numerics, per_device
+from .layers import Array, Conv1d, Numerics, per_device, tpu_or_xla
 
 
 class SnakeBeta(nnx.Module):
@@ -57,9 +57,10 @@ class AntiAliasedActivation(nnx.Module):
 
 def on_tpu(kernel: Callable[[Array, Array], Array], xla: Callable[[Array, Array | None], Array], x: Array,
            lengths: Array | None) -> Array:
-    """``kernel(x, lengths)`` when lowering for TPU (lengths filled in when None), else ``xla(x, lengths)``."""
+    """``kernel(x, lengths)`` when lowering for TPU (lengths filled in when None), else ``xla(x, lengths)``;
+    differentiable through the XLA form (:func:`.layers.tpu_or_xla`)."""
     full = jnp.full((x.shape[0],), x.shape[-1], jnp.int32) if lengths is None else lengths
-    return jax.lax.platform_dependent(x, full, tpu=kernel, default=lambda x, full: xla(x, lengths))
+    return tpu_or_xla(kernel, lambda x, full: xla(x, lengths), x, full)
 
 
 def time_mask(lengths: Array | None, t: int) -> Array | None:

@@ -211,6 +211,40 @@ class GroupNorm(nnx.Module):
         frame = jnp.stack([count, mean, jnp.square(h - mean[..., None]).sum(-1)], axis=-1)
         return frame if mask is None else jnp.where(mask[..., None] > 0, frame, 0.0)
 
+def tpu_or_xla(kernel: Callable[..., Array], xla: Callable[..., Array], *operands: Array) -> Array:
+    """``kernel(*operands)`` when lowering for TPU, ``xla(*operands)`` elsewhere; differentiable everywhere.
+
+    Pallas kernels have no autodiff rule, and ``jax.lax.platform_dependent`` differentiates every branch, so
+    the derivative is always the XLA form's (a loss through the decoder trains on TPU, GPU and CPU alike).
+    Values the two functions close over (parameters) are hoisted with ``jax.closure_convert``, so gradients
+    also reach them.
+    """
+    xla_fn, xla_consts = jax.closure_convert(xla, *operands)
+    kernel_fn, kernel_consts = jax.closure_convert(kernel, *operands)
+    counts = (len(operands), len(xla_consts))
+    return _on_tpu(kernel_fn, xla_fn, counts, *operands, *xla_consts, *kernel_consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _on_tpu(kernel_fn: Callable, xla_fn: Callable, counts: tuple[int, int], *args: Array) -> Array:
+    n, m = counts
+    return jax.lax.platform_dependent(*args, tpu=lambda *a: kernel_fn(*a[:n], *a[n + m :]),
+                                      default=lambda *a: xla_fn(*a[: n + m]))
+
+
+def _on_tpu_forward(kernel_fn: Callable, xla_fn: Callable, counts: tuple[int, int], *args: Array):
+    return _on_tpu(kernel_fn, xla_fn, counts, *args), args
+
+
+def _on_tpu_backward(kernel_fn: Callable, xla_fn: Callable, counts: tuple[int, int], args: tuple, cotangent: Array):
+    n, m = counts
+    _, pullback = jax.vjp(xla_fn, *args[: n + m])
+    return (*pullback(cotangent), *[None] * (len(args) - n - m))  # the kernel's own constants: unused by xla
+
+
+_on_tpu.defvjp(_on_tpu_forward, _on_tpu_backward)
+
+
 def per_device(fn: Callable[..., Array], *batched: Array, replicated: tuple = ()) -> Array:
     """``fn(*batched, *replicated)`` on each device's share of the batch (axis 0 of every ``batched`` array).
 
@@ -282,4 +316,4 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
 
     precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
     with jax.default_matmul_precision(precision):
-        return jax.lax.platform_dependent(query, key, value, tpu=tpu, default=xla)
+        return tpu_or_xla(tpu, xla, query, key, value)
