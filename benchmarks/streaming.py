@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.check_parity import snr_db
+from convert.metrics import snr_db
 from convert.speech import speech_clip
 from convert.torch_reference import full_size_checkpoint
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model

@@ -17,7 +17,7 @@ import soundfile as sf
 from conftest import assert_nontrivial
 from flax import nnx
 
-from convert.check_parity import snr_db
+from convert.metrics import snr_db
 from convert.speech import speech_clip
 from xcodec2_jax import cli
 from xcodec2_jax.engine import EngineSettings

@@ -26,6 +26,12 @@ How it works
   over the memory frames before its window plus the window itself. What remains approximate is the future
   beyond the lookahead (and frames older than M) for those two window-wide parts.
   ``benchmarks/streaming.py`` measures each part's share; the numbers are in ``benchmarks/RESULTS.md``.
+* **The upsampler (Anime-XCodec2 44.1 kHz family).** The hop is read from the step's output shape, so
+  streaming works unchanged, but the upsampler's own ResNet blocks are not in the memory: their GroupNorm
+  statistics see only the window, one more approximation that the benchmark (16 kHz family) does not
+  measure. It also widens the local receptive field: with one stage of factor 3 and kernel 9 (the tests'
+  configuration) its transposed conv, its block's two k=3 convs and the ISTFT's +-2 frames at the upsampled
+  rate reach +-3 frames beyond the backbone's +-11: +-14 in all, one more than L = A = 13 cover.
 * **Many streams.** :class:`BatchedStreamingDecoder` steps up to ``slots`` streams in one device call,
   sharded over a mesh of devices like the engine's (axis ``DATA_AXIS``): each stream is one batch row with
   its own valid length, so rows do not influence each other, and free or waiting slots are dummy rows whose
