@@ -25,8 +25,9 @@ from xcodec2_jax.engine import EngineSettings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # `--batch-size 2` with the default buckets, as the commands below run; every clip is under 2 s, so all use
 # the 2 s bucket: one encode and one decode compilation, shared with tests/test_encode_audio.py.
-SETTINGS = EngineSettings(batch_size=2)
-MODEL_OPTIONS = ("--batch-size", "2")
+# Both clips are under 2 s: one 2 s bucket, one encode and one decode compilation.
+SETTINGS = EngineSettings(batch_size=2, bucket_seconds=(2.0,))
+MODEL_OPTIONS = ("--batch-size", "2", "--buckets", "2")
 ERROR_PREFIX = "xcodec2-jax: error: "
 PCM16_TOL = 2 / 32768  # one 16-bit step, plus rounding
 

@@ -86,8 +86,8 @@ def load_model(args: argparse.Namespace) -> Xcodec2Model:
 
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
-    """Engine settings from ``--batch-size`` (the other knobs keep their defaults)."""
-    return EngineSettings(batch_size=args.batch_size)
+    """Engine settings from ``--batch-size`` and ``--buckets`` (the other knobs keep their defaults)."""
+    return EngineSettings(batch_size=args.batch_size, bucket_seconds=tuple(args.buckets))
 
 
 def _show_progress(args: argparse.Namespace, count: int) -> bool:
@@ -324,6 +324,10 @@ def _common_options(base: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "codes may differ from float32 ones")
     group.add_argument("--batch-size", type=_positive_int, default=EngineSettings.batch_size, metavar="N",
                        help="clips per device step (default: %(default)s)")
+    group.add_argument("--buckets", type=float, nargs="+", metavar="SECONDS", default=EngineSettings.bucket_seconds,
+                       help="padded lengths, each compiled once (default: "
+                            f"{' '.join(f'{b:g}' for b in EngineSettings.bucket_seconds)}); a few coarse buckets "
+                            "compile faster for a handful of files")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--no-compile-cache", action="store_true",
                        help="do not use the persistent compilation cache (default location: "
@@ -441,7 +445,6 @@ def _add_corpus_commands(subparsers, common: argparse.ArgumentParser) -> None:
                           help="metadata fields to copy into each row as string columns of the same names "
                                "(e.g. text speaker: a tar sample's .json fields and .txt as text, a manifest's "
                                "fields, a dataset's columns)")
-    _add_buckets_argument(tokenize)
     tokenize.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS, metavar="N",
                           help="threads decoding audio ahead of the device (default: %(default)s)")
     tokenize.add_argument("--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, metavar="ROWS",
@@ -470,14 +473,6 @@ def _add_corpus_commands(subparsers, common: argparse.ArgumentParser) -> None:
     detokenize.add_argument("-o", "--output", required=True, type=Path, metavar="WAV_DIR",
                             help="folder for the 16 kHz WAV files")
     detokenize.add_argument("--ids", nargs="+", help="decode only these ids (default: all)")
-    _add_buckets_argument(detokenize)
-
-
-def _add_buckets_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--buckets", type=float, nargs="+", metavar="SECONDS",
-                        default=EngineSettings.bucket_seconds,
-                        help="padded lengths, each compiled once (default: "
-                             f"{' '.join(f'{b:g}' for b in EngineSettings.bucket_seconds)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
