@@ -30,9 +30,9 @@ from xcodec2_jax.engine import EngineSettings
 
 POLICIES = {
     "all bf16 (before issue 10)": (),
-    "fc_encoder + project_in f32 (default)": ("quantizer_input",),
+    "fc_encoder + project_in f32": ("quantizer_input",),
     "+ semantic adapter f32": ("quantizer_input", "semantic_adapter"),
-    "+ acoustic encoder f32": ("quantizer_input", "acoustic_encoder"),
+    "+ acoustic encoder f32 (default)": ("quantizer_input", "acoustic_encoder"),
     "+ semantic encoder f32": ("quantizer_input", "semantic_encoder"),
     "+ semantic encoder and adapter f32": ("quantizer_input", "semantic_encoder", "semantic_adapter"),
 }

@@ -45,7 +45,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xcodec2_jax.config import Xcodec2Config
 from xcodec2_jax.engine import DATA_AXIS, step_functions, step_inputs
-from xcodec2_jax.nn.codec import Xcodec2Codec
+from xcodec2_jax.nn.codec import DEFAULT_FLOAT32_PARTS, Xcodec2Codec
+from xcodec2_jax.nn.codec import PARTS as PARTS_OF_CODEC
 from xcodec2_jax.nn.layers import PRECISIONS, Numerics
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xcodec2_jax"
@@ -125,7 +126,8 @@ def part_functions(graphdef: nnx.GraphDef, config: Xcodec2Config, dtype: jnp.dty
 
 
 def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: str, precision: str, batch: int,
-                 seconds: float, what: list[str], cache: dict, code: str) -> list[dict]:
+                 seconds: float, what: list[str], cache: dict, code: str,
+                 float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> list[dict]:
     """Compile every step/part of one case (or take it from ``cache``); one result row each."""
     from jax.experimental import topologies
 
@@ -134,7 +136,8 @@ def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: 
     mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
     global_batch, frames = batch * len(devices), round(seconds * config.frame_rate)
     numerics = Numerics.create(jnp.dtype(dtype), precision)
-    abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, float32_parts=float32_parts,
+                                                   rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
@@ -146,7 +149,8 @@ def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: 
     jobs.update(part_functions(graphdef, config, numerics.dtype, mesh, global_batch, frames))
     rows = []
     for name in [w for w in (*STEPS, *PARTS) if w in what]:
-        key = f"{code}|{config_name}|{topology}|{dtype}|{precision}|{batch}|{seconds:g}|{name}"
+        parts = "" if float32_parts == DEFAULT_FLOAT32_PARTS else f"|f32:{','.join(float32_parts)}"
+        key = f"{code}|{config_name}|{topology}|{dtype}|{precision}|{batch}|{seconds:g}|{name}{parts}"
         if key not in cache:
             fn, args = jobs[name]
             begin = time.perf_counter()
@@ -215,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="items per chip")
     parser.add_argument("--seconds", type=float, default=6.0, help="bucket length")
     parser.add_argument("--what", nargs="+", default=[*STEPS, *PARTS], choices=(*STEPS, *PARTS))
+    parser.add_argument("--float32-parts", nargs="*", default=list(DEFAULT_FLOAT32_PARTS), choices=PARTS_OF_CODEC,
+                        help="parts kept in float32 under bfloat16 (default: the library's default policy)")
     parser.add_argument("--json", type=Path, help="results file; also the cache of earlier compiles")
     args = parser.parse_args(argv)
 
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     for topology in args.topology:
         for dtype in args.dtype:
             rows += compile_case(config, args.config, topology, dtype, args.precision, args.batch, args.seconds,
-                                 args.what, cache, code)
+                                 args.what, cache, code, tuple(args.float32_parts))
             if args.json:  # after each case: a long run keeps what it compiled
                 args.json.write_text(json.dumps({"rows": rows, "cache": cache}, indent=1))
     print(table(rows))

@@ -163,6 +163,8 @@ def test_bf16_policy_keeps_parameters_and_the_fsq_input_path_in_float32(referenc
     assert _dot_operand_dtypes(lambda x: head(x, None), jnp.zeros((1, 9, 64), jnp.bfloat16)) == {"float32/float32"}
     semantic = _dot_operand_dtypes(codec.semantic_encoder, jnp.zeros((1, 9, 160), jnp.float32))
     assert semantic == {"bfloat16/bfloat16"}
+    assert codec.acoustic_encoder.conv1.numerics.dtype == jnp.float32  # the default policy's second part
+    assert codec.acoustic_decoder.fc.numerics.dtype == jnp.bfloat16
 
 
 def test_unknown_float32_part_is_refused(reference):

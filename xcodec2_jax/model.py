@@ -169,7 +169,8 @@ class Xcodec2Model:
                 on CPU.
             float32_parts: parts kept in float32 when ``dtype`` is bf16/fp16 (see
                 ``xcodec2_jax.nn.codec.PARTS``); the default keeps fc_encoder -> project_in, whose output
-                FSQ rounds to pick the codes.
+                FSQ rounds to pick the codes, and the acoustic encoder (98% of the codes then equal float32's
+                on the full-size random model, 45% without it; ``benchmarks/RESULTS.md``).
         """
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
         config, source, flax = open_checkpoint(directory)
