@@ -24,7 +24,8 @@ _HUB_PATTERNS = ["*.json", "*.safetensors"]
 # Pickled PyTorch checkpoints: never loaded (unpickling runs arbitrary code), only named in the error.
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 TO_SAFETENSORS = (
-    "convert it once with PyTorch: `sd = torch.load(path, map_location='cpu', weights_only=True)`; keep the "
+    "convert it once in PyTorch, outside xcodec2-jax: read it with PyTorch's own loader and weights_only=True "
+    "into a state dict `sd`; keep the "
     "model weights (a Lightning .ckpt holds them under 'state_dict'; drop discriminator and loss entries); "
     "then `safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')` next to "
     "the config.json"
