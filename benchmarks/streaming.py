@@ -41,6 +41,7 @@ from convert.speech import speech_clip
 from convert.torch_reference import full_size_checkpoint
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
 from xcodec2_jax.engine import EngineSettings
+from xcodec2_jax.nn.decoder import KeyValues
 from xcodec2_jax.streaming import DEFAULT_SETTINGS, BatchedStreamingDecoder, StreamingDecoder, StreamingSettings
 
 DEFAULT_GRID = [  # the defaults, then one knob at a time, then plain windows (no memory)
@@ -48,7 +49,7 @@ DEFAULT_GRID = [  # the defaults, then one knob at a time, then plain windows (n
     *(dataclasses.replace(DEFAULT_SETTINGS, lookahead_frames=a) for a in (0, 4, 8, 20)),
     *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left) for left in (0, 50)),
     *(dataclasses.replace(DEFAULT_SETTINGS, chunk_frames=chunk) for chunk in (10, 50)),
-    *(dataclasses.replace(DEFAULT_SETTINGS, memory_frames=memory) for memory in (250,)),
+    *(dataclasses.replace(DEFAULT_SETTINGS, memory_frames=memory) for memory in (1500,)),
     *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left, memory_frames=0) for left in (13, 50, 150)),
 ]
 ORACLES = ("groupnorm", "attention", "both")
@@ -92,7 +93,11 @@ class _Oracle:
         b, w, _ = x.shape
         full = jnp.broadcast_to(self.full.astype(x.dtype), (b, *self.full.shape[1:]))
         select = jnp.concatenate([jnp.zeros((b, w, 1), bool), jnp.ones((b, full.shape[1], 1), bool)], axis=1)
-        return jax.tree.map(lambda a: a[:, :w], self.module(jnp.concatenate([x, full], axis=1), select))
+        result = self.module(jnp.concatenate([x, full], axis=1), select)
+        if isinstance(result, tuple):  # attention: (out, its own keys and values (B, heads, frames, head_dim))
+            out, own = result
+            return out[:, :w], KeyValues(own.keys[:, :, :w], own.values[:, :, :w], own.mask[:, :w])
+        return result[:, :w]
 
     def __getattr__(self, name: str):  # GroupNorm.moments
         return getattr(self.module, name)

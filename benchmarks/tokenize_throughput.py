@@ -1,6 +1,7 @@
 """Corpus tokenization end to end against the encode step alone, at the same batch, in one run.
 
     python benchmarks/tokenize_throughput.py                      # 200 clips of 1-20 s, full-size random weights
+    python benchmarks/tokenize_throughput.py --half-size          # the encode path halved (RESULTS.md)
     python benchmarks/tokenize_throughput.py --clips 24 --model <tiny checkpoint dir>      # a quick check
 
 1. Builds one WebDataset shard: ``--clips`` espeak-ng speech clips of uniformly random length in
@@ -11,7 +12,7 @@
 3. End to end: ``tokenize_corpus(shard, --keep-columns text)`` with the loaded model: reading the tar,
    decoding MP3/FLAC, resampling, features, bucketing, the device steps, writing Parquet. Wall time of the
    call, in x real time (seconds of audio per second).
-4. The ceiling: the same compiled step, same batch, timed on full batches of real speech at each bucket
+4. The ceiling (measured first): the same compiled step, same batch, timed on full batches of real speech at each bucket
    (``--repeats`` times, median), giving each bucket's rate in audio seconds per second; the corpus's audio
    at those rates (every clip at the rate of its bucket, no padding, no filler items, no host work) takes
    ``sum(audio in bucket / rate of bucket)`` seconds. The ratio is end to end / ceiling.
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 
 from convert.speech import speech_clip
-from convert.torch_reference import full_size_checkpoint
+from convert.torch_reference import full_size_checkpoint, half_size_checkpoint
 from convert.webdataset import audio_bytes, write_shard
 from xcodec2_jax import Xcodec2Model
 from xcodec2_jax.engine import Engine, EngineSettings, enable_compilation_cache
@@ -73,14 +74,14 @@ def step_seconds(engine: Engine, frames: int, repeats: int) -> float:
     """Median wall time of the compiled encode step on a full batch of speech at bucket ``frames``."""
     hop, rate = engine.config.hop_length, engine.config.sampling_rate
     rows = []
-    for i in range(engine.local_batch):
+    for i in range(engine.batch):
         audio = speech_clip(frames * hop / rate, sampling_rate=rate, seed=1000 + i)
-        rows.append((audio, engine.extractor.item_features(audio)))
+        rows.append((audio,) if engine.extractor is None else (audio, engine.extractor.item_features(audio)))
     step = engine.compiled("encode", frames)
     times = []
     for _ in range(repeats):
         begin = time.perf_counter()
-        np.asarray(step(engine.state, *engine.device_batch("encode", rows, frames)))
+        np.asarray(step(engine.device.state, *engine.device_batch("encode", rows, frames)))
         times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
@@ -88,6 +89,8 @@ def step_seconds(engine: Engine, frames: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: the seeded random full-size checkpoint)")
+    parser.add_argument("--half-size", action="store_true",
+                        help="the seeded random half-size checkpoint (convert.torch_reference.HALF_SIZE) instead")
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--max-seconds", type=float, default=20.0)
@@ -108,7 +111,8 @@ def main() -> None:
               f"shard ({time.perf_counter() - begin:.0f} s to build)", flush=True)
 
         begin = time.perf_counter()
-        model = Xcodec2Model.from_pretrained(args.model or full_size_checkpoint())
+        checkpoint = args.model or (half_size_checkpoint() if args.half_size else full_size_checkpoint())
+        model = Xcodec2Model.from_pretrained(checkpoint)
         load_seconds = time.perf_counter() - begin
         settings = EngineSettings(batch_size=args.batch_size, bucket_seconds=tuple(args.buckets),
                                   workers=args.workers)
@@ -123,6 +127,14 @@ def main() -> None:
         print(f"model loaded in {load_seconds:.1f} s; {len(audio_per_bucket)} bucket(s) compiled in "
               f"{compile_seconds:.1f} s", flush=True)
 
+        buckets = []
+        for frames, bucket_audio in sorted(audio_per_bucket.items()):
+            seconds = step_seconds(engine, frames, args.repeats)
+            rate = engine.batch * frames / model.config.frame_rate / seconds
+            buckets.append({"bucket_s": frames / model.config.frame_rate, "audio_s": bucket_audio,
+                            "step_s": seconds, "step_rate_x": rate})
+            print(f"  step at {frames / model.config.frame_rate:g} s x {engine.batch}: {seconds:.2f} s "
+                  f"= {rate:.3f}x real time ({bucket_audio:.0f} s of the corpus)", flush=True)
         steps: collections.Counter[int] = collections.Counter()  # the engine fetches its compiled step per step
         compiled = engine.compiled
         engine.compiled = lambda kind, frames: steps.update([frames]) or compiled(kind, frames)
@@ -136,14 +148,8 @@ def main() -> None:
         print(f"end to end: {audio:.0f} s of audio in {end_to_end:.1f} s = {audio / end_to_end:.3f}x real time "
               f"({summary.encoded} rows, {summary.failed} errors)", flush=True)
 
-        buckets = []
-        for frames, bucket_audio in sorted(audio_per_bucket.items()):
-            seconds = step_seconds(engine, frames, args.repeats)
-            rate = engine.local_batch * frames / model.config.frame_rate / seconds
-            buckets.append({"bucket_s": frames / model.config.frame_rate, "audio_s": bucket_audio,
-                            "step_s": seconds, "step_rate_x": rate, "steps_run": steps[frames]})
-            print(f"  step at {frames / model.config.frame_rate:g} s x {engine.local_batch}: {seconds:.2f} s "
-                  f"= {rate:.3f}x real time ({bucket_audio:.0f} s of the corpus)", flush=True)
+        for bucket in buckets:
+            bucket["steps_run"] = steps[round(bucket["bucket_s"] * model.config.frame_rate)]
         ceiling = sum(b["audio_s"] / b["step_rate_x"] for b in buckets)
         device = sum(b["steps_run"] * b["step_s"] for b in buckets) or None  # None: the engine was not counted
         result = {

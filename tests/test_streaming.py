@@ -212,3 +212,17 @@ def test_memory_pools_like_one_sequence(reference):
     _, own = attention(before, None)
     pooled, _ = attention(after, None, KeyValues(own.keys, own.values, keep))
     np.testing.assert_allclose(pooled, attention(x, None)[0][:, 18:], atol=2e-5)
+
+
+def test_memory_holds_the_last_frames_emitted(reference, speech_codes):
+    """The ring buffer wraps: after every step it holds exactly the last M emitted frames, M rounded up to
+    whole chunks (10 -> 12 frames here)."""
+    decoder = StreamingDecoder(reference.model, **SMALL, memory_frames=10)
+    chunk, step = SMALL["chunk_frames"], SMALL["chunk_frames"] + SMALL["lookahead_frames"]
+    pushed = 0
+    for total in (9, 17, 40, 61):  # emitted: 6, 12, 36, 54 frames
+        decoder.push(speech_codes[pushed:total])
+        pushed = total
+        emitted = (total - step) // chunk * chunk + chunk
+        held = np.asarray(decoder._batch._memory.frames)[0]
+        assert sorted(held[held >= 0]) == list(range(max(0, emitted - 12), emitted)), total

@@ -21,10 +21,10 @@ How it works
   GroupNorm statistics of the four ResNet blocks, and the bidirectional attention, whose RoPE runs over
   heads, so its scores carry no position at all: each frame pools the sequence by content alone. Neither
   depends on where the other frames are, so each stream keeps a **memory** of its last M
-  (``memory_frames``) emitted frames: their attention keys and values in every layer and the moments of
-  every GroupNorm input, as computed in their own windows. Every step attends to and pools statistics
-  over the memory frames before its window plus the window itself. What remains approximate is the future
-  beyond the lookahead (and frames older than M) for those two window-wide parts.
+  (``memory_frames``, rounded up to whole chunks) emitted frames: their attention keys and values in every
+  layer and the moments of every GroupNorm input, as computed in their own windows. Every step attends to
+  and pools statistics over the memory frames before its window plus the window itself. What remains
+  approximate is the future beyond the lookahead (and frames older than M) for those two window-wide parts.
   ``benchmarks/streaming.py`` measures each part's share; the numbers are in ``benchmarks/RESULTS.md``.
 * **The upsampler (Anime-XCodec2 44.1 kHz family).** The hop is read from the step's output shape, so
   streaming works unchanged, but the upsampler's own ResNet blocks are not in the memory: their GroupNorm
@@ -76,7 +76,7 @@ class StreamingSettings:
     chunk_frames: int = 25  # 0.5 s at 50 codes/s; a step decodes (13 + 25 + 13) / 25 ~ 2x the frames it emits
     left_context_frames: int = 13  # the local receptive field, see the module docstring
     lookahead_frames: int = 13
-    memory_frames: int = 1500  # 30 s, the engine's window for long audio
+    memory_frames: int = 250  # 5 s (rounded up to whole chunks); why: benchmarks/RESULTS.md
 
     def __post_init__(self) -> None:
         if self.chunk_frames < 1:
@@ -84,6 +84,11 @@ class StreamingSettings:
         for name in ("left_context_frames", "lookahead_frames", "memory_frames"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+
+    @property
+    def memory_capacity(self) -> int:
+        """Frames the memory holds: ``memory_frames`` rounded up to whole chunks (it keeps chunks)."""
+        return -(-self.memory_frames // self.chunk_frames) * self.chunk_frames
 
     @property
     def window_frames(self) -> int:
@@ -101,7 +106,8 @@ DEFAULT_SETTINGS = StreamingSettings()
 # ------------------------------------------------------------------------------------------ device step
 class Memory(NamedTuple):
     """Per stream (batch row), what the decoder keeps of up to M earlier frames, in a ring buffer: the
-    fields of :class:`~xcodec2_jax.nn.decoder.FrameMemory` with (B, M, ...) arrays, and frames (B, M) int32,
+    fields of :class:`~xcodec2_jax.nn.decoder.FrameMemory` with M frames each (keys and values (B, heads, M,
+    head_dim), moments (B, M, groups, 3)), and frames (B, M) int32,
     the stream's frame index held in each entry (-1: none). Order does not matter to attention or
     GroupNorm statistics, so a ring buffer serves."""
 
@@ -138,22 +144,46 @@ def decode_windows(codec: Xcodec2Codec, settings: StreamingSettings, memory: Mem
     audio = _rows(audio, starts * hop, settings.output_frames * hop)
     if memory is None:
         return audio, None
-    # Ring-buffer entries for the emitted chunk's frames; rows emitting fewer than C write fewer (M: dropped).
-    chunk, size = settings.chunk_frames, settings.memory_frames
+    # The ring buffer holds M / C chunks; the chunk of frames [e, e + C) goes to slot (e / C) mod (M / C), one
+    # contiguous update per row. Rows emitting fewer than C (the end) mark the rest invalid; rows
+    # emitting nothing (dummies) write back what the slot held.
+    chunk = settings.chunk_frames
+    slot = (emitted // chunk) % (settings.memory_capacity // chunk) * chunk
     offsets = jnp.arange(chunk)[None, :]
-    entries = jnp.where(offsets < counts[:, None], (emitted[:, None] + offsets) % size, size)
-    write = jax.vmap(lambda buffer, index, rows: buffer.at[index].set(rows, mode="drop"))
+    held = _rows(frames, slot, chunk)
+    new_frames = jnp.where(offsets < counts[:, None], emitted[:, None] + offsets,
+                           jnp.where((counts == 0)[:, None], held, -1))
 
-    def remember(buffers: list[Array], new: list[Array]) -> list[Array]:
-        return [write(buffer, entries, _rows(rows, starts, chunk)) for buffer, rows in zip(buffers, new, strict=True)]
+    def remember(buffers: list[Array], new: list[Array], axis: int) -> list[Array]:
+        written = []
+        for buffer, rows in zip(buffers, new, strict=True):
+            rows = jnp.where(_expand(counts > 0, rows.ndim), _rows(rows, starts, chunk, axis),
+                             _rows(buffer, slot, chunk, axis))
+            written.append(_write_rows(buffer, rows, slot, axis))
+        return written
 
-    return audio, Memory(remember(memory.keys, own.keys), remember(memory.values, own.values),
-                         remember(memory.moments, own.moments), write(frames, entries, emitted[:, None] + offsets))
+    return audio, Memory(remember(memory.keys, own.keys, 2), remember(memory.values, own.values, 2),
+                         remember(memory.moments, own.moments, 1), _write_rows(frames, new_frames, slot, 1))
 
 
-def _rows(array: Array, starts: Array, size: int) -> Array:
-    """``array[b, starts[b] : starts[b] + size]`` for every row b."""
-    return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, size))(array, starts)
+def _expand(flags: Array, ndim: int) -> Array:
+    """(B,) -> (B, 1, ..., 1) with ``ndim`` dimensions."""
+    return flags.reshape(-1, *[1] * (ndim - 1))
+
+
+def _rows(array: Array, starts: Array, size: int, axis: int = 1) -> Array:
+    """``array[b, ..., starts[b] : starts[b] + size, ...]`` (along ``axis``) for every row b."""
+    return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, size, axis - 1))(array, starts)
+
+
+def _write_rows(buffer: Array, rows: Array, starts: Array, axis: int) -> Array:
+    """``buffer`` with ``rows[b]`` written at ``starts[b]`` along ``axis``: one dynamic-update-slice per row
+    (a vmapped one would be a scatter)."""
+    for b in range(buffer.shape[0]):
+        index = [b] + [0] * (buffer.ndim - 1)
+        index[axis] = starts[b]
+        buffer = jax.lax.dynamic_update_slice(buffer, rows[b : b + 1], index)
+    return buffer
 
 
 def _step(graphdef: nnx.GraphDef, settings: StreamingSettings, transform: Callable | None, state: nnx.State,
@@ -194,9 +224,10 @@ def _compiled_step(model: Xcodec2Model, settings: StreamingSettings, mesh: Mesh,
         memory = None
         if settings.memory_frames:  # the shapes of what the decoder returns per frame, M frames of each
             per_frame = jax.eval_shape(functools.partial(_frame_memory, model.graphdef), model.state, rows(1))
-            entries = lambda arrays: [rows(settings.memory_frames, *a.shape[2:], dtype=a.dtype) for a in arrays]
-            memory = Memory(entries(per_frame.keys), entries(per_frame.values), entries(per_frame.moments),
-                            rows(settings.memory_frames))
+            m = settings.memory_capacity
+            heads = lambda arrays: [rows(a.shape[1], m, *a.shape[3:], dtype=a.dtype) for a in arrays]  # (B, H, M, D)
+            frames = lambda arrays: [rows(m, *a.shape[2:], dtype=a.dtype) for a in arrays]
+            memory = Memory(heads(per_frame.keys), heads(per_frame.values), frames(per_frame.moments), rows(m))
         step = jax.jit(functools.partial(_step, model.graphdef, settings, transform),
                        in_shardings=(replicated, batched, *[batched] * 5), out_shardings=batched,
                        donate_argnums=1)

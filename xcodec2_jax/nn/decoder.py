@@ -16,7 +16,18 @@ import numpy as np
 from flax import nnx
 
 from ..config import Xcodec2Config
-from .layers import Array, Conv1d, GroupNorm, LayerNorm, Linear, Numerics, RMSNorm, activation, attention
+from .layers import (
+    Array,
+    Conv1d,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Numerics,
+    RMSNorm,
+    activation,
+    attention,
+    attention_with_memory,
+)
 
 
 class ResNetBlock(nnx.Module):
@@ -61,8 +72,8 @@ def rotate_half(x: Array) -> Array:
 
 
 class KeyValues(NamedTuple):
-    """Keys (after RoPE) and values (B, M, heads, head_dim) of M frames outside a layer's input, and which
-    of them to attend to (B, M) bool."""
+    """Keys (after RoPE) and values (B, heads, M, head_dim) of M frames, and which of them to attend to
+    (B, M) bool. Heads lead so that a query block's scores read them without a transpose."""
 
     keys: Array
     values: Array
@@ -71,7 +82,7 @@ class KeyValues(NamedTuple):
 
 class FrameMemory(NamedTuple):
     """What the window-wide parts of the decoder keep of M frames outside its input (streaming decode):
-    per transformer layer the keys and values (B, M, heads, head_dim), per GroupNorm (prior_net then
+    per transformer layer the keys and values (B, heads, M, head_dim), per GroupNorm (prior_net then
     post_net, norm1 then norm2) its input's moments (B, M, groups, 3), and which frames to use (B, M) bool.
     """
 
@@ -113,12 +124,13 @@ class Attention(nnx.Module):
         cos, sin = (jnp.asarray(t, q.dtype) for t in rope_tables(self.heads, self.head_dim, self.rope_theta))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        own = KeyValues(k, v, jnp.ones((b, f), bool) if mask is None else mask[..., 0])
-        key_mask = None if mask is None else mask[..., 0]
-        if memory is not None:
-            k, v = (jnp.concatenate([m.astype(a.dtype), a], axis=1) for m, a in ((memory.keys, k), (memory.values, v)))
-            key_mask = jnp.concatenate([memory.mask, own.mask], axis=1)
-        out = attention(q, k, v, numerics=self.numerics, key_mask=key_mask)
+        heads_first = lambda h: h.transpose(0, 2, 1, 3)  # (B, F, H, D) <-> (B, H, F, D)
+        own = KeyValues(heads_first(k), heads_first(v), jnp.ones((b, f), bool) if mask is None else mask[..., 0])
+        if memory is None:
+            out = attention(q, k, v, numerics=self.numerics, key_mask=None if mask is None else own.mask)
+        else:
+            out = heads_first(attention_with_memory(heads_first(q), own.keys, own.values, own.mask, memory.keys,
+                                                    memory.values, memory.mask, numerics=self.numerics))
         return self.o_proj(out.reshape(b, f, -1)), own
 
 

@@ -283,6 +283,12 @@ class RelativeKey:
         return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
 
 
+# Plain (non-relative) attention over fewer keys stays in XLA on TPU. Full-size decoder, bf16, 8 items per v5e
+# chip: 300 keys (6 s) move 7.59 GB in XLA against 9.74 GB with the Pallas kernel, 1500 keys (30 s) 49.08
+# against 42.16 GB (benchmarks/RESULTS.md); the crossover lies between, 1024 is not a measured optimum.
+FLASH_MIN_KEYS = 1024
+
+
 def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, relative: RelativeKey | None = None,
               key_mask: Array | None = None) -> Array:
     """Multi-head softmax attention, the one core every attention layer calls.
@@ -296,8 +302,10 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
     float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` (cuDNN flash
     attention on GPU where it applies). On TPU: the Pallas flash-attention kernel of
     :mod:`.attention_pallas`, which builds the relative logits in VMEM instead of writing a (T, S) bias
-    to HBM. Neither takes a ``precision``: the layer's precision is set as the default for the matmuls
-    they trace (bf16 operands take one pass whatever it is).
+    to HBM, for relative attention and for plain attention over at least :data:`FLASH_MIN_KEYS` keys;
+    shorter plain attention stays in XLA, which fuses it with fewer bytes than the kernel's padding and
+    layout changes cost. Neither takes a ``precision``: the layer's precision is set as the default for the
+    matmuls they trace (bf16 operands take one pass whatever it is).
     """
     scale = query.shape[-1] ** -0.5
 
@@ -316,4 +324,34 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
 
     precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
     with jax.default_matmul_precision(precision):
+        if relative is None and key.shape[1] < FLASH_MIN_KEYS:
+            return xla(query, key, value)
         return tpu_or_xla(tpu, xla, query, key, value)
+
+
+def attention_with_memory(query: Array, key: Array, value: Array, key_mask: Array, memory_keys: Array,
+                          memory_values: Array, memory_mask: Array, *, numerics: Numerics) -> Array:
+    """:func:`attention` over two sets of keys at once, the window's own and a memory of other frames,
+    without concatenating them (a streaming decoder's memory is large next to its window).
+
+    Args:
+        query, key, value: (B, H, T, D), the window's, in the compute dtype; key_mask (B, T) bool.
+        memory_keys, memory_values: (B, H, M, D); memory_mask (B, M) bool.
+
+    Returns (B, H, T, D): softmax over the valid keys of both sets (scores and softmax in float32), each set's
+    share summed from its own exponentials. A query with no valid key at all gets the mean of the values
+    (its row is padding, its output is discarded) rather than NaN.
+    """
+    scale = query.shape[-1] ** -0.5
+    precision = numerics.precision if query.dtype == jnp.float32 else None
+    lowest = jnp.finfo(jnp.float32).min
+    parts = ((key, value, key_mask), (memory_keys.astype(query.dtype), memory_values.astype(query.dtype), memory_mask))
+    scores = [jnp.where(mask[:, None, None, :], jnp.einsum("bhtd,bhsd->bhts", query, k, precision=precision,
+                                                           preferred_element_type=jnp.float32) * scale, lowest)
+              for k, _, mask in parts]
+    top = jnp.maximum(*(s.max(axis=-1, keepdims=True) for s in scores))
+    weights = [jnp.exp(s - top) for s in scores]
+    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+    out = sum(jnp.einsum("bhts,bhsd->bhtd", w.astype(query.dtype), v, precision=precision,
+                         preferred_element_type=jnp.float32) for w, (_, v, _) in zip(weights, parts, strict=True))
+    return (out / total).astype(query.dtype)
