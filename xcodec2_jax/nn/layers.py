@@ -211,6 +211,7 @@ class GroupNorm(nnx.Module):
         frame = jnp.stack([count, mean, jnp.square(h - mean[..., None]).sum(-1)], axis=-1)
         return frame if mask is None else jnp.where(mask[..., None] > 0, frame, 0.0)
 
+
 def tpu_or_xla(kernel: Callable[..., Array], xla: Callable[..., Array], *operands: Array) -> Array:
     """``kernel(*operands)`` when lowering for TPU, ``xla(*operands)`` elsewhere; differentiable everywhere.
 
