@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from xcodec2_jax.config import Xcodec2Config
 from xcodec2_jax.engine import DATA_AXIS, step_functions, step_inputs
 from xcodec2_jax.nn.codec import DEFAULT_FLOAT32_PARTS, Xcodec2Codec
 from xcodec2_jax.nn.codec import PARTS as PARTS_OF_CODEC
-from xcodec2_jax.nn.layers import PRECISIONS, Numerics
+from xcodec2_jax.nn.layers import PRECISIONS, Numerics, weights_in_compute_dtype
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xcodec2_jax"
 
@@ -139,6 +140,7 @@ def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: 
     abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, float32_parts=float32_parts,
                                                    rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
+    state = jax.eval_shape(functools.partial(weights_in_compute_dtype, graphdef), state)  # as DeviceModel places it
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
 

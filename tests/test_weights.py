@@ -177,3 +177,20 @@ def test_bfloat16_model_keeps_its_parameters_in_float32(reference):
     assert arrays["acoustic_decoder.norm.scale"].dtype == np.float32
     assert arrays["acoustic_decoder.prior_net.0.norm1.bias"].dtype == np.float32
     assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.isfinite(x.astype(jnp.float32)).all()), model.state))
+
+
+def test_engines_place_bfloat16_layers_weights_in_bfloat16_with_the_same_numbers(reference):
+    model = Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16)
+    placed = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(model.device_model().state)}
+    assert placed["acoustic_decoder.layers.0.self_attn.q_proj.kernel"].dtype == jnp.bfloat16
+    assert placed["acoustic_decoder.embed.bias"].dtype == jnp.bfloat16
+    assert placed["semantic_encoder.encoder.layers.0.conv_module.depthwise_conv.kernel"].dtype == jnp.bfloat16
+    for float32_weight in ("acoustic_decoder.head.linear.kernel", "quantizer.project_in.kernel",  # ISTFT, FSQ input
+                           "acoustic_decoder.norm.scale", "acoustic_encoder.conv1.kernel"):  # norms, f32 part
+        assert placed[float32_weight].dtype == jnp.float32, float32_weight
+    assert _state_arrays(model)["acoustic_decoder.layers.0.self_attn.q_proj.kernel"].dtype == np.float32
+
+    # Cast once when placed or in every call: the same numbers, bit for bit.
+    latents = jax.random.normal(jax.random.key(0), (2, 9, model.config.quantization_dim), jnp.bfloat16)
+    decode = jax.jit(lambda state, z: nnx.merge(model.graphdef, state).decode(z, jnp.array([9, 5])))
+    np.testing.assert_array_equal(decode(model.device_model().state, latents), decode(model.state, latents))

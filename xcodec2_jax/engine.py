@@ -60,7 +60,7 @@ from .features import Xcodec2FeatureExtractor
 from .lengths import check_frame_lengths, check_sample_lengths
 from .nn.codec import Xcodec2Codec
 from .nn.fbank import KaldiFbank
-from .nn.layers import Array
+from .nn.layers import Array, weights_in_compute_dtype
 
 DATA_AXIS = "data"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XCODEC2_JAX_CACHE", Path.home() / ".cache" / "xcodec2_jax" / "jax"))
@@ -205,7 +205,9 @@ class DeviceModel:
         self.config = config
         self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
         self.platform = devices[0].platform
-        self.state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        # bfloat16 layers' weights cast once here rather than in every step (same numbers, half the bytes read)
+        self.state = jax.device_put(weights_in_compute_dtype(graphdef, state),
+                                    NamedSharding(self.mesh, PartitionSpec()))
         self._batched = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self._jitted = step_functions(graphdef, self.mesh, KaldiFbank(config.sampling_rate, config.hop_length))
         self._compiled: dict[tuple[str, int, int], Any] = {}

@@ -58,7 +58,7 @@ from .engine import DATA_AXIS
 from .errors import ConfigError
 from .nn.codec import Xcodec2Codec
 from .nn.decoder import FrameMemory
-from .nn.layers import Array
+from .nn.layers import Array, weights_in_compute_dtype
 
 if TYPE_CHECKING:
     from .model import Xcodec2Model
@@ -213,9 +213,10 @@ class _Executable:
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled_step(model: Xcodec2Model, settings: StreamingSettings, mesh: Mesh, slots: int,
+def _compiled_step(model: Xcodec2Model, state: nnx.State, settings: StreamingSettings, mesh: Mesh, slots: int,
                    transform: Callable | None) -> _Executable:
-    """The AOT-compiled step (state, memory, codes, lengths, starts, emitted, counts) -> (audio, memory)."""
+    """The AOT-compiled step (state, memory, codes, lengths, starts, emitted, counts) -> (audio, memory), for
+    ``state`` (the decoder's placed weights) on ``mesh``."""
     key = (settings, slots, tuple(d.id for d in mesh.devices.flat), transform)
     per_model = _COMPILED.setdefault(model, {})
     if key not in per_model:
@@ -223,7 +224,7 @@ def _compiled_step(model: Xcodec2Model, settings: StreamingSettings, mesh: Mesh,
         rows = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct((slots, *shape), dtype, sharding=batched)
         memory = None
         if settings.memory_frames:  # the shapes of what the decoder returns per frame, M frames of each
-            per_frame = jax.eval_shape(functools.partial(_frame_memory, model.graphdef), model.state, rows(1))
+            per_frame = jax.eval_shape(functools.partial(_frame_memory, model.graphdef), state, rows(1))
             m = settings.memory_capacity
             heads = lambda arrays: [rows(a.shape[1], m, *a.shape[3:], dtype=a.dtype) for a in arrays]  # (B, H, M, D)
             frames = lambda arrays: [rows(m, *a.shape[2:], dtype=a.dtype) for a in arrays]
@@ -231,7 +232,7 @@ def _compiled_step(model: Xcodec2Model, settings: StreamingSettings, mesh: Mesh,
         step = jax.jit(functools.partial(_step, model.graphdef, settings, transform),
                        in_shardings=(replicated, batched, *[batched] * 5), out_shardings=batched,
                        donate_argnums=1)
-        lowered = step.lower(model.state, memory, rows(settings.window_frames), rows(), rows(), rows(), rows())
+        lowered = step.lower(state, memory, rows(settings.window_frames), rows(), rows(), rows(), rows())
         audio = lowered.out_info[0]
         per_model[key] = _Executable(lowered.compile(), audio.shape[-1] // settings.output_frames, memory)
     return per_model[key]
@@ -323,11 +324,12 @@ class BatchedStreamingDecoder:
             self.mesh, self.state = shared.mesh, shared.state
         else:
             self.mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
-            self.state = jax.device_put(model.state, NamedSharding(self.mesh, PartitionSpec()))
+            self.state = jax.device_put(weights_in_compute_dtype(model.graphdef, model.state),
+                                        NamedSharding(self.mesh, PartitionSpec()))
         self.slots = math.ceil(slots / self.mesh.size) * self.mesh.size
         self._model = model
         self._batched = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-        executable = _compiled_step(model, self.settings, self.mesh, self.slots, transform)
+        executable = _compiled_step(model, self.state, self.settings, self.mesh, self.slots, transform)
         self._step, self.hop = executable.step, executable.hop
         # A stream's first step clears its rows, so the memory starts as anything of the right shape.
         self._memory = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),

@@ -210,10 +210,12 @@ class ConvTranspose1d(nnx.Module):
     (B, T, 1) zeroes padded frames first, so an item's first ``stride * length`` outputs are what it gets alone.
     """
 
+    COMPUTE_DTYPE_WEIGHTS = ("kernel", "bias")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, *,
                  numerics: Numerics, rngs: nnx.Rngs):
         bound = (out_channels * kernel_size) ** -0.5  # PyTorch's fan-in of a transposed conv weight
-        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, numerics.dtype, -bound, bound)
+        uniform = lambda shape: jax.random.uniform(rngs.params(), shape, numerics.param_dtype, -bound, bound)
         self.kernel = nnx.Param(uniform((kernel_size, in_channels, out_channels)))
         self.bias = nnx.Param(uniform((out_channels,)))
         self.stride, self.padding = stride, padding
@@ -223,11 +225,12 @@ class ConvTranspose1d(nnx.Module):
         if mask is not None:
             x = x * mask.astype(x.dtype)
         edge = self.kernel.shape[0] - 1 - self.padding
+        dtype = self.numerics.dtype
         y = jax.lax.conv_general_dilated(
-            x.astype(self.numerics.dtype), self.kernel[...][::-1], window_strides=(1,), padding=((edge, edge),),
+            x.astype(dtype), self.kernel[...][::-1].astype(dtype), window_strides=(1,), padding=((edge, edge),),
             lhs_dilation=(self.stride,), dimension_numbers=("NHC", "HIO", "NHC"), precision=self.numerics.precision,
         )
-        return y + self.bias[...]
+        return y + self.bias[...].astype(dtype)
 
 
 class Upsampler(nnx.Module):

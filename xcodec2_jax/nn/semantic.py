@@ -82,6 +82,8 @@ class CausalDepthwiseConv1d(nnx.Module):
     groups an order of magnitude slower. Kernel layout (k, 1, C), as a Flax depthwise conv.
     """
 
+    COMPUTE_DTYPE_WEIGHTS = ("kernel",)
+
     def __init__(self, channels: int, kernel_size: int, *, numerics: Numerics, rngs: nnx.Rngs):
         bound = kernel_size**-0.5
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (kernel_size, 1, channels),
