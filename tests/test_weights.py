@@ -33,8 +33,10 @@ def _edited_checkpoint(reference, tmp_path, edit):
     return tmp_path
 
 
-def _state_arrays(model: Xcodec2Model) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(model.state)}
+def _state_arrays(model: Xcodec2Model, state: nnx.State | None = None) -> dict[str, np.ndarray]:
+    """``state`` (default: the model's parameters) as dotted name -> array."""
+    state = model.state if state is None else state
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
 def test_full_size_checkpoint_layout_is_covered_by_the_table():
@@ -181,7 +183,7 @@ def test_bfloat16_model_keeps_its_parameters_in_float32(reference):
 
 def test_engines_place_bfloat16_layers_weights_in_bfloat16_with_the_same_numbers(reference):
     model = Xcodec2Model.from_pretrained(reference.checkpoint, dtype=jnp.bfloat16)
-    placed = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(model.device_model().state)}
+    placed = _state_arrays(model, model.device_model().state)
     assert placed["acoustic_decoder.layers.0.self_attn.q_proj.kernel"].dtype == jnp.bfloat16
     assert placed["acoustic_decoder.embed.bias"].dtype == jnp.bfloat16
     assert placed["semantic_encoder.encoder.layers.0.conv_module.depthwise_conv.kernel"].dtype == jnp.bfloat16
