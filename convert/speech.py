@@ -2,12 +2,20 @@
 
 Random noise never exercises the ranges speech does (silences, formants, loud vowels), so tests that compare
 features or codes use these clips. ``espeak-ng`` is deterministic, so the same text gives the same samples.
+
+On a machine without ``espeak-ng`` (an accelerator machine with no package registry), export the sentences
+where it is installed and point ``XCODEC2_SPEECH_NPZ`` at the file there::
+
+    python -m convert.speech --export speech.npz          # here: every sentence, 16 kHz, voice "en"
+    XCODEC2_SPEECH_NPZ=speech.npz python benchmarks/...   # there: the same samples, no espeak-ng
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import itertools
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,8 +49,20 @@ def _espeak_binary() -> str:
     return binary
 
 
+def _export_key(text: str, sampling_rate: int, voice: str) -> str:
+    return f"{voice}/{sampling_rate}/{SENTENCES.index(text)}"
+
+
 @functools.lru_cache(maxsize=64)
 def _synth_cached(text: str, sampling_rate: int, voice: str) -> np.ndarray:
+    exported = os.environ.get("XCODEC2_SPEECH_NPZ")
+    if exported and text in SENTENCES:
+        with np.load(exported) as samples:
+            key = _export_key(text, sampling_rate, voice)
+            if key in samples:
+                wave = samples[key]
+                wave.setflags(write=False)
+                return wave
     with tempfile.TemporaryDirectory() as tmp:
         wav_path = Path(tmp) / "speech.wav"
         result = subprocess.run(
@@ -82,3 +102,18 @@ def speech_clip(seconds: float, sampling_rate: int = 16000, seed: int = 0) -> np
         pieces += [piece, gap]
         total += piece.size + gap.size
     return np.concatenate(pieces)[:num_samples]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export the test sentences for a machine without espeak-ng.")
+    parser.add_argument("--export", type=Path, required=True, help="the .npz to write")
+    parser.add_argument("--sampling-rate", type=int, default=16000)
+    args = parser.parse_args(argv)
+    np.savez(args.export, **{_export_key(text, args.sampling_rate, "en"): synth_speech(text, args.sampling_rate)
+                             for text in SENTENCES})
+    print(f"{len(SENTENCES)} sentences at {args.sampling_rate} Hz -> {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
