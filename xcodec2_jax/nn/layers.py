@@ -324,13 +324,14 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
         key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
 
     Returns (B, T, H, D): ``softmax((q . k + relative) / sqrt(D))`` over the valid keys, softmax in
-    float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` (cuDNN flash
-    attention on GPU where it applies). On TPU: the Pallas flash-attention kernel of
-    :mod:`.attention_pallas`, which builds the relative logits in VMEM instead of writing a (T, S) bias
-    to HBM, for relative attention and for plain attention over at least :data:`FLASH_MIN_KEYS` keys;
-    shorter plain attention stays in XLA, which fuses it with fewer bytes than the kernel's padding and
-    layout changes cost. Neither takes a ``precision``: the layer's precision is set as the default for the
-    matmuls they trace (bf16 operands take one pass whatever it is).
+    float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` with its default
+    implementation, XLA's (JAX does not choose cuDNN's flash kernel by itself; that kernel takes bf16/fp16
+    only). On TPU: the Pallas flash-attention kernel of :mod:`.attention_pallas`, which builds the
+    relative logits in VMEM instead of writing a (T, S) bias to HBM, for relative attention and for plain
+    attention over at least :data:`FLASH_MIN_KEYS` keys; shorter plain attention stays in XLA, which fuses
+    it with fewer bytes than the kernel's padding and layout changes cost. Neither takes a ``precision``:
+    the layer's precision is set as the default for the matmuls they trace (bf16 operands take one pass
+    whatever it is).
     """
     scale = query.shape[-1] ** -0.5
 
