@@ -195,6 +195,32 @@ def test_tpu_flash_attention_equals_xla_attention(relative):
     assert float(jnp.abs(got - want).max()) < 5e-6
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("relative", [True, False])
+def test_cpu_blocked_attention_equals_xla_attention(relative, dtype):
+    """XLA:CPU's attention, one (item, head) block at a time, against jax.nn.dot_product_attention (the XLA
+    form GPUs run), relative-key logits and key padding included."""
+    from xcodec2_jax.nn import attention_cpu
+    from xcodec2_jax.nn.layers import CPU_BLOCKED_MIN_KEYS, RelativeKey, attention
+
+    t, numerics = CPU_BLOCKED_MIN_KEYS + 44, Numerics.create(dtype, "highest")
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal((3, t, 2, 64)), dtype) for seed in (13, 14, 15))
+    rel = RelativeKey(jnp.asarray(_rng(16).standard_normal((73, 64)), jnp.float32), 64, 8) if relative else None
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([t, 77, 1])[:, None])
+    scale = 64**-0.5
+    with jax.default_matmul_precision("highest"):
+        want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], scale=scale,
+                                            bias=rel.logits(q, numerics) * scale if relative else None)
+    extra = (rel.by_distance(q, numerics),) if relative else ()
+    kernel = attention_cpu.blocked_attention(q, k, v, mask, *extra, left=64 if relative else 0,
+                                             right=8 if relative else 0, precision=jax.lax.Precision.HIGHEST)
+    dispatched = jax.jit(lambda q, k, v: attention(q, k, v, numerics=numerics, relative=rel, key_mask=mask))
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    for got in (kernel, dispatched(q, k, v)):  # the kernel, and attention() choosing it on this CPU
+        assert got.dtype == want.dtype
+        assert float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max()) < tolerance
+
+
 def test_tpu_input_conv_equals_xla_conv(reference):
     from xcodec2_jax.nn.acoustic import time_mask
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from . import attention_pallas
+from . import attention_cpu, attention_pallas
 
 Array = jax.Array
 
@@ -312,6 +312,10 @@ class RelativeKey:
 # chip: 300 keys (6 s) move 7.59 GB in XLA against 9.74 GB with the Pallas kernel, 1500 keys (30 s) 49.08
 # against 42.16 GB (benchmarks/RESULTS.md); the crossover lies between, 1024 is not a measured optimum.
 FLASH_MIN_KEYS = 1024
+# On XLA:CPU, attention over at least this many keys runs one (item, head) block at a time
+# (:mod:`.attention_cpu`). Full-size decode step, batch 8, same process: 0.98x at 100 keys (2 s), 1.04x at
+# 300, 1.14x at 600, 1.32x at 1000 (benchmarks/RESULTS.md, "Attention on XLA:CPU").
+CPU_BLOCKED_MIN_KEYS = 256
 
 
 def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, relative: RelativeKey | None = None,
@@ -324,14 +328,19 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
         key_mask: (B, S) boolean, False for keys no query may attend to (padding), or None.
 
     Returns (B, T, H, D): ``softmax((q . k + relative) / sqrt(D))`` over the valid keys, softmax in
-    float32 (as Transformers). Everywhere but TPU: ``jax.nn.dot_product_attention`` with its default
-    implementation, XLA's (JAX does not choose cuDNN's flash kernel by itself; that kernel takes bf16/fp16
-    only). On TPU: the Pallas flash-attention kernel of :mod:`.attention_pallas`, which builds the
-    relative logits in VMEM instead of writing a (T, S) bias to HBM, for relative attention and for plain
-    attention over at least :data:`FLASH_MIN_KEYS` keys; shorter plain attention stays in XLA, which fuses
-    it with fewer bytes than the kernel's padding and layout changes cost. Neither takes a ``precision``:
-    the layer's precision is set as the default for the matmuls they trace (bf16 operands take one pass
-    whatever it is).
+    float32 (as Transformers).
+
+    - GPU: ``jax.nn.dot_product_attention`` with its default implementation, XLA's (JAX does not choose
+      cuDNN's flash kernel by itself; that kernel takes bf16/fp16 only).
+    - CPU: the same below :data:`CPU_BLOCKED_MIN_KEYS` keys; from there :mod:`.attention_cpu`'s loop over
+      (item, head) blocks, which keeps each block of scores in cache.
+    - TPU: the Pallas flash-attention kernel of :mod:`.attention_pallas`, which builds the relative logits
+      in VMEM instead of writing a (T, S) bias to HBM, for relative attention and for plain attention over
+      at least :data:`FLASH_MIN_KEYS` keys; shorter plain attention stays in XLA, which fuses it with fewer
+      bytes than the kernel's padding and layout changes cost.
+
+    The layer's precision reaches every matmul: the kernels take it, and it is the default for the matmuls
+    ``jax.nn.dot_product_attention`` traces (bf16 operands take one pass whatever it is).
     """
     scale = query.shape[-1] ** -0.5
 
@@ -340,19 +349,25 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
         bias = None if relative is None else relative.logits(q, numerics) * scale
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
 
-    def tpu(q: Array, k: Array, v: Array) -> Array:
+    def blocked(kernel: Callable[..., Array], q: Array, k: Array, v: Array) -> Array:
         valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
-        kernel = functools.partial(attention_pallas.flash_attention, precision=numerics.precision,
+        kernel = functools.partial(kernel, precision=numerics.precision,
                                    left=0 if relative is None else relative.left,
                                    right=0 if relative is None else relative.right)
         extra = () if relative is None else (relative.by_distance(q, numerics),)
         return per_device(kernel, q, k, v, valid, *extra)
 
+    def not_tpu(q: Array, k: Array, v: Array) -> Array:
+        if k.shape[1] < CPU_BLOCKED_MIN_KEYS:
+            return xla(q, k, v)
+        return jax.lax.platform_dependent(q, k, v, cpu=functools.partial(blocked, attention_cpu.blocked_attention),
+                                          default=xla)
+
     precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
     with jax.default_matmul_precision(precision):
         if relative is None and key.shape[1] < FLASH_MIN_KEYS:
-            return xla(query, key, value)
-        return tpu_or_xla(tpu, xla, query, key, value)
+            return not_tpu(query, key, value)
+        return tpu_or_xla(functools.partial(blocked, attention_pallas.flash_attention), not_tpu, query, key, value)
 
 
 def attention_with_memory(query: Array, key: Array, value: Array, key_mask: Array, memory_keys: Array,
