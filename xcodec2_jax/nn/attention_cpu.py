@@ -17,9 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from .attention_terms import MASKED_LOGIT, relative_distance
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
+Array = jax.Array
 
 
 def blocked_attention(query: Array, key: Array, value: Array, key_valid: Array, by_distance: Array | None = None,
@@ -40,15 +40,14 @@ def blocked_attention(query: Array, key: Array, value: Array, key_valid: Array, 
     operands = [heads_first(query), heads_first(key), heads_first(value), jnp.repeat(key_valid, h, axis=0)]
     if by_distance is not None:
         operands.append(by_distance.reshape(b * h, t, left + right + 1))
-        positions = jnp.arange(t)
-        distance = jnp.clip(positions[None, :] - positions[:, None], -left, right) + left  # (T, S)
+        distance = relative_distance(t, left, right)
 
     def one_block(block: list[Array]) -> Array:
         q, k, v, valid = block[:4]
         logits = jnp.matmul(q, k.T, precision=precision, preferred_element_type=jnp.float32) * scale
         if by_distance is not None:
             logits = logits + jnp.take_along_axis(block[4], distance, axis=-1) * jnp.asarray(scale, block[4].dtype)
-        logits = jnp.where(valid[None, :], logits, _MASKED)
+        logits = jnp.where(valid[None, :], logits, MASKED_LOGIT)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.matmul(probs, v, precision=precision).astype(query.dtype)
 

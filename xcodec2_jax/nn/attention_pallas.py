@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from .attention_terms import MASKED_LOGIT
+
 Array = jax.Array
 
 BLOCK = 128  # query and key block: the lane width
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
 
 
 def _kernel(q_ref, k_ref, v_ref, distance_ref, valid_ref, out_ref, m_ref, l_ref, acc_ref, bias_ref, *,
@@ -33,7 +34,7 @@ def _kernel(q_ref, k_ref, v_ref, distance_ref, valid_ref, out_ref, m_ref, l_ref,
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, MASKED_LOGIT, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -59,7 +60,7 @@ def _kernel(q_ref, k_ref, v_ref, distance_ref, valid_ref, out_ref, m_ref, l_ref,
 
         scores = scores + bias_ref[...]
     scores = scores * scale
-    scores = jnp.where(valid_ref[0] > 0, scores, _MASKED)
+    scores = jnp.where(valid_ref[0] > 0, scores, MASKED_LOGIT)
 
     m_prev, l_prev = m_ref[...], l_ref[...]
     m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))

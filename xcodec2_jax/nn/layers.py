@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from . import attention_cpu, attention_pallas
+from .attention_terms import relative_distance
 
 Array = jax.Array
 
@@ -300,9 +301,7 @@ class RelativeKey:
     def logits(self, query: Array, numerics: Numerics) -> Array:
         """The (B, H, T, T) logits: each (l, r) picks its distance by a contraction with a one-hot
         (T, T, distances) built from iotas, a matmul rather than a gather (take_along_axis)."""
-        t = query.shape[1]
-        positions = jnp.arange(t)
-        distance = jnp.clip(positions[None, :] - positions[:, None], -self.left, self.right) + self.left
+        distance = relative_distance(query.shape[1], self.left, self.right)
         by_distance = self.by_distance(query, numerics)
         one_hot = jax.nn.one_hot(distance, self.left + self.right + 1, dtype=by_distance.dtype)
         return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
