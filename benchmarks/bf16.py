@@ -3,12 +3,16 @@
     python benchmarks/bf16.py                     # CPU: 8 clips x 6 s, every bf16 policy, vs our float32
     python benchmarks/bf16.py --torch             # also Transformers bf16 vs fp32
     python benchmarks/bf16.py --reference transformers --policies ALL --json out.json   # on a GPU / TPU
+    python benchmarks/bf16.py --emulate tpu --policies ALL   # CPU: TPU's precisions emulated (see below)
 
 A policy is a compute dtype, a matmul/conv precision for float32 operands, and the parts kept in float32
 when the dtype is bfloat16 (``Xcodec2Model.from_pretrained(..., dtype=..., precision=..., float32_parts=...)``;
 parameters are stored in float32 either way; norms, FSQ, the anti-aliased activations and the ISTFT head
 always run in float32). On XLA:CPU every precision computes float32 exactly, so the precision rows only
-differ on an accelerator (TPU: 6 / 3 / 1 bf16 passes; GPU: fp32 / TF32).
+differ on an accelerator (TPU: 6 / 3 / 1 bf16 passes; GPU: fp32 / TF32). ``--emulate tpu`` (or ``gpu``) makes
+them differ on the CPU too: every float32 matmul and convolution is computed as those passes would
+(``emulated_precision.py``), so the agreement of a precision policy on that accelerator is measured here;
+the encode times are then the emulation's, not a speed.
 
 The reference codes are our float32 "highest" on this device (``--reference jax``, the default; equal to
 Transformers' on CPU, which the parity tests check), or Transformers' float32 computed on the CPU
@@ -21,6 +25,7 @@ Each policy's TPU cost comes from ``tpu_aot.py``'s per-part table (benchmarks/RE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.emulated_precision import PLATFORMS, emulated_precision
 from convert.kaldi_reference import reference_feature_extractor
 from convert.speech import speech_clip
 from convert.torch_reference import TorchXcodec2Model, full_size_checkpoint
@@ -48,10 +54,11 @@ POLICIES = {
     "all bf16 (before issue 10)": (BF16, "highest", ()),
     "fc_encoder + project_in f32": (BF16, "highest", ("quantizer_input",)),
     "+ semantic adapter f32": (BF16, "highest", ("quantizer_input", "semantic_adapter")),
-    "+ acoustic encoder f32 (default)": (BF16, "highest", DEFAULT_FLOAT32_PARTS),
+    "+ acoustic encoder f32": (BF16, "highest", DEFAULT_FLOAT32_PARTS),
     "+ semantic encoder f32": (BF16, "highest", ("quantizer_input", "semantic_encoder")),
     "+ semantic encoder and adapter f32": (BF16, "highest", ("quantizer_input", "semantic_encoder",
                                                              "semantic_adapter")),
+    "bf16 default, f32 parts at precision high": (BF16, "high", DEFAULT_FLOAT32_PARTS),  # the library's default
     "bf16 default, f32 parts at precision default": (BF16, "default", DEFAULT_FLOAT32_PARTS),
 }
 FLOAT32_HIGHEST = "float32, precision highest"
@@ -94,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", action="store_true", help="also measure Transformers bf16 vs fp32")
     parser.add_argument("--checkpoint", type=Path, help="default: the seeded random full-size checkpoint")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--emulate", choices=PLATFORMS, help="on the CPU, compute float32 matmuls and "
+                        "convolutions as this accelerator does at each policy's precision")
     args = parser.parse_args(argv)
+    with emulated_precision(args.emulate) if args.emulate else contextlib.nullcontext():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     policies = list(POLICIES) if "ALL" in args.policies else args.policies
 
     checkpoint = args.checkpoint or full_size_checkpoint()
@@ -102,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     # compiles for a batch x seconds of audio, so the two share the persistent compilation cache.
     clips = [speech_clip(args.seconds, seed=i)[:-1] for i in range(args.clips)]
     settings = EngineSettings(batch_size=args.clips, bucket_seconds=(args.seconds,))
-    print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; {args.clips} clips x {args.seconds:g} s",
-          flush=True)
+    device = jax.devices()[0].device_kind + (f", {args.emulate} precision emulated" if args.emulate else "")
+    print(f"JAX {jax.__version__} on {device}; {args.clips} clips x {args.seconds:g} s", flush=True)
     rows = []
 
     def add_row(name: str, codes: np.ndarray, compile_s: float, seconds: float) -> None:
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Transformers bf16 vs fp32: code match {match:.2%}")
         rows.append({"policy": "Transformers bfloat16 vs its float32", "match": float(match)})
     if args.json:
-        args.json.write_text(json.dumps({"device": jax.devices()[0].device_kind, "reference": args.reference,
+        args.json.write_text(json.dumps({"device": device, "reference": args.reference,
                                          "clips": args.clips, "seconds": args.seconds, "rows": rows}, indent=2))
     return 0
 

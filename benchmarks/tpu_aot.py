@@ -14,9 +14,10 @@ XLA's ``cost_analysis`` (flops, bytes accessed, transcendentals; per chip, the p
 SPMD-partitioned), ``memory_analysis`` (argument, output and temporary bytes per chip), compile time, the
 count of gather/scatter/dynamic-slice ops left in the optimised program, and a roofline per chip:
 ``max(flops x passes / peak bf16 flops, bytes / HBM bandwidth)``, as x real time (audio seconds per second
-per chip). ``passes`` is 6 for float32 at precision "highest" (3 for "high"; bf16 is 1); it is applied to
-all flops, elementwise ones included, so the compute bound is pessimistic. Pallas kernels report the
-bytes they move (their blocks, halos included) through their cost estimates.
+per chip). ``passes`` is 6 for float32 at precision "highest" (3 for "high", 1 for "default"); it applies to
+the float32 matmul and convolution flops, counted from the program's jaxpr (a bf16 model's float32 parts
+included); every other flop counts once. Pallas kernels report the bytes they move (their blocks, halos
+included) through their cost estimates.
 
 Results are cached in the JSON file (``--json``) under a key that includes a hash of the package's
 source, so an unchanged case is not compiled twice. libtpu prints warnings about the missing TPU.
@@ -29,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -39,6 +41,7 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # before libtpu lo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -48,7 +51,7 @@ from xcodec2_jax.config import Xcodec2Config
 from xcodec2_jax.engine import DATA_AXIS, step_functions, step_inputs
 from xcodec2_jax.nn.codec import DEFAULT_FLOAT32_PARTS, Xcodec2Codec
 from xcodec2_jax.nn.codec import PARTS as PARTS_OF_CODEC
-from xcodec2_jax.nn.layers import PRECISIONS, Numerics, weights_in_compute_dtype
+from xcodec2_jax.nn.layers import PRECISIONS, Numerics, default_precision, weights_in_compute_dtype
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xcodec2_jax"
 
@@ -126,8 +129,8 @@ def part_functions(graphdef: nnx.GraphDef, config: Xcodec2Config, dtype: jnp.dty
             for name, (fn, args) in parts.items()}
 
 
-def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: str, precision: str, batch: int,
-                 seconds: float, what: list[str], cache: dict, code: str,
+def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: str, precision: str | None,
+                 batch: int, seconds: float, what: list[str], cache: dict, code: str,
                  float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> list[dict]:
     """Compile every step/part of one case (or take it from ``cache``); one result row each."""
     from jax.experimental import topologies
@@ -136,7 +139,8 @@ def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: 
     chip = CHIPS[devices[0].device_kind]
     mesh = Mesh(np.asarray(devices), (DATA_AXIS,))
     global_batch, frames = batch * len(devices), round(seconds * config.frame_rate)
-    numerics = Numerics.create(jnp.dtype(dtype), precision)
+    numerics = Numerics.create(jnp.dtype(dtype), precision or default_precision(dtype, "tpu"))
+    precision = numerics.precision_name
     abstract = nnx.eval_shape(lambda: Xcodec2Codec(config, numerics=numerics, float32_parts=float32_parts,
                                                    rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -153,17 +157,43 @@ def compile_case(config: Xcodec2Config, config_name: str, topology: str, dtype: 
     for name in [w for w in (*STEPS, *PARTS) if w in what]:
         parts = "" if float32_parts == DEFAULT_FLOAT32_PARTS else f"|f32:{','.join(float32_parts)}"
         key = f"{code}|{config_name}|{topology}|{dtype}|{precision}|{batch}|{seconds:g}|{name}{parts}"
+        fn, args = jobs[name]
         if key not in cache:
-            fn, args = jobs[name]
             begin = time.perf_counter()
             compiled = fn.lower(state, *args).compile()
             elapsed = time.perf_counter() - begin
             cache[key] = measure(compiled, elapsed)
             print(f"  compiled {name} for {topology} {dtype} {batch} x {seconds:g} s in {elapsed:.1f} s", flush=True)
+        if "float32_matmul_gflop" not in cache[key]:  # a trace, not a compile: also for older cache entries
+            float32_flops = float32_matmul_flops(jax.make_jaxpr(fn)(state, *args).jaxpr)
+            cache[key]["float32_matmul_gflop"] = float32_flops / len(devices) / 1e9  # per chip, as XLA's
         row = {"config": config_name, "topology": topology, "chip": chip.name, "dtype": dtype, "precision": precision,
                "batch_per_chip": batch, "seconds": seconds, "what": name, **cache[key]}
         rows.append(with_roofline(row, chip, audio_seconds=batch * seconds))
     return rows
+
+
+def float32_matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
+    """Flops of the float32 dot_general / conv_general_dilated ops of ``jaxpr`` (the whole batch): the ones a
+    TPU computes in ``passes`` bf16 passes. Of a ``cond``'s branches (a Pallas kernel or its XLA form) the
+    larger counts; Pallas kernel bodies are not entered (their XLA twins hold the same math)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "pallas_call":
+            continue
+        if name in ("dot_general", "conv_general_dilated") and all(v.aval.dtype == jnp.float32 for v in eqn.invars):
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            if name == "dot_general":
+                (contracting, _), _ = eqn.params["dimension_numbers"]
+                reduced = math.prod(lhs[d] for d in contracting)
+            else:  # (out, in / groups, *window) of the kernel
+                spec = eqn.params["dimension_numbers"].rhs_spec
+                reduced = math.prod(rhs[d] for d in spec[1:])
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * reduced
+        nested = [float32_matmul_flops(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+        total += (max(nested) if name == "cond" else sum(nested)) if nested else 0.0
+    return total
 
 
 def measure(compiled, elapsed: float) -> dict:
@@ -186,8 +216,8 @@ def measure(compiled, elapsed: float) -> dict:
 
 def with_roofline(row: dict, chip: Chip, audio_seconds: float) -> dict:
     """Add the roofline time per chip and what it means in x real time."""
-    passes = PASSES[row["precision"]] if row["dtype"] == "float32" else 1
-    compute = row["gflop"] * passes / (chip.bf16_tflops * 1e3)
+    passes = PASSES[row["precision"]]
+    compute = (row["gflop"] + row["float32_matmul_gflop"] * (passes - 1)) / (chip.bf16_tflops * 1e3)
     memory = row["gb_accessed"] / chip.hbm_gbps
     seconds = max(compute, memory)
     return {**row, "roofline_ms": seconds * 1e3, "bound": "compute" if compute >= memory else "memory",
@@ -199,12 +229,14 @@ def with_roofline(row: dict, chip: Chip, audio_seconds: float) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| chip | dtype | batch x s | step / part | GFLOP | GB accessed | GB / audio s | accessed / (in + out) "
-            "| transc. (G) | arg GiB | temp GiB | fits HBM | gathers | compile s | roofline ms | bound | x real time |")
+    head = ("| chip | dtype | batch x s | step / part | GFLOP | f32 matmul GFLOP | GB accessed | GB / audio s "
+            "| accessed / (in + out) | transc. (G) | arg GiB | temp GiB | fits HBM | gathers | compile s | roofline ms "
+            "| bound | x real time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['chip']} | {r['dtype']} | {r['batch_per_chip']} x {r['seconds']:g} | {r['what']} | {r['gflop']:.0f} "
+            f"| {r['float32_matmul_gflop']:.0f} "
             f"| {r['gb_accessed']:.2f} | {r['gb_per_audio_s']:.3f} | {r['traffic_over_io']:.1f} "
             f"| {r['transcendentals_g']:.2f} "
             f"| {r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {'yes' if r['fits_hbm'] else 'NO'} | {r['gathers']} "
@@ -217,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="full", help="'full', 'tiny' or a config.json path")
     parser.add_argument("--topology", nargs="+", default=["v5e:2x2", "v6e:2x2"])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--precision", default="highest", choices=tuple(PRECISIONS))
+    parser.add_argument("--precision", choices=tuple(PRECISIONS),
+                        help="default: the library's on TPU ('highest'; 'high' for a bf16 model's float32 parts)")
     parser.add_argument("--batch", type=int, default=8, help="items per chip")
     parser.add_argument("--seconds", type=float, default=6.0, help="bucket length")
     parser.add_argument("--what", nargs="+", default=[*STEPS, *PARTS], choices=(*STEPS, *PARTS))

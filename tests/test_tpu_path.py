@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.emulated_precision import emulated_precision
 from xcodec2_jax import Xcodec2Model
 from xcodec2_jax.config import SemanticConfig, Xcodec2Config
 from xcodec2_jax.nn import acoustic_pallas
@@ -60,6 +61,39 @@ def test_residual_unit_kernel_equals_xla_form(channels, samples, lengths, dilati
         interpret=True)
     assert np.isfinite(np.asarray(got)).all()
     assert _valid_err(got, want, lengths) < 5e-6 * float(np.abs(np.asarray(want)).max())
+
+
+def test_kernels_compute_precision_high_as_three_bf16_passes():
+    """Mosaic rejects "high" in a kernel's dot; the kernels make its bf16x3 passes explicit: float32 accuracy
+    to ~2^-16, where one bf16 pass ("default") is ~100x further off."""
+    unit = ResidualUnit(48, 3, numerics=Numerics(), rngs=nnx.Rngs(2))
+    x = jnp.asarray(_rng(3).standard_normal((2, 48, 700)), jnp.float32)
+    lengths = jnp.asarray([700, 333], jnp.int32)
+    want = unit.xla(x, lengths)
+    scale = float(np.abs(np.asarray(want)).max())
+    errors = {}
+    for precision in (jax.lax.Precision.HIGH, jax.lax.Precision.DEFAULT):
+        got = acoustic_pallas.residual_unit(
+            x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]),
+            unit.snake2.parameters(), (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=3,
+            precision=precision, interpret=True)
+        errors[precision] = _valid_err(got, want, lengths) / scale
+    with emulated_precision("tpu"):  # one bf16 pass, as a TPU computes "default" (XLA:CPU would not round)
+        got = acoustic_pallas.residual_unit(
+            x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]),
+            unit.snake2.parameters(), (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=3,
+            precision=jax.lax.Precision.DEFAULT, interpret=True)
+        errors["one pass"] = _valid_err(got, want, lengths) / scale
+    assert errors[jax.lax.Precision.HIGH] < 2e-5
+    assert errors["one pass"] > 100 * errors[jax.lax.Precision.HIGH]
+
+    from xcodec2_jax.nn import attention_pallas
+    from xcodec2_jax.nn.layers import attention
+
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, 300, 2, 64)), jnp.float32) for seed in (9, 10, 11))
+    mask = jnp.asarray(np.arange(300)[None, :] < np.array([300, 77])[:, None])
+    got = attention_pallas.flash_attention(q, k, v, mask, precision=jax.lax.Precision.HIGH, interpret=True)
+    assert float(jnp.abs(got - attention(q, k, v, numerics=Numerics(), key_mask=mask)).max()) < 2e-5
 
 
 # ------------------------------------------------------------------------------------ masking (issue 14)
@@ -165,6 +199,16 @@ def test_bf16_policy_keeps_parameters_and_the_fsq_input_path_in_float32(referenc
     assert semantic == {"bfloat16/bfloat16"}
     assert codec.acoustic_encoder.conv1.numerics.dtype == jnp.float32  # the default policy's second part
     assert codec.acoustic_decoder.fc.numerics.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(("backend", "bf16_parts"), [("cpu", "HIGHEST"), ("gpu", "HIGHEST"), ("tpu", "HIGH")])
+def test_default_precision_is_high_only_for_bf16_models_float32_parts_on_tpu(monkeypatch, backend, bf16_parts):
+    """precision=None: "highest", but "high" (bf16x3) for a bf16 model's float32 parts on a TPU host; a GPU's
+    "high" is TF32, which flips far more codes."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert Numerics.create(jnp.bfloat16).precision == jax.lax.Precision[bf16_parts]
+    assert Numerics.create(jnp.float32).precision == jax.lax.Precision.HIGHEST
+    assert Numerics.create(jnp.bfloat16, "highest").precision == jax.lax.Precision.HIGHEST
 
 
 def test_unknown_float32_part_is_refused(reference):

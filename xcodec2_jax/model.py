@@ -138,7 +138,7 @@ class Xcodec2Model:
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0, precision: str = "highest",
+    def from_config(cls, config: Xcodec2Config, dtype=jnp.float32, seed: int = 0, precision: str | None = None,
                     float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> Xcodec2Model:
         """A randomly initialised model (for tests and training from scratch); arguments as :meth:`from_pretrained`."""
         codec = Xcodec2Codec(config, numerics=Numerics.create(dtype, precision), float32_parts=float32_parts,
@@ -147,7 +147,7 @@ class Xcodec2Model:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, dtype=jnp.float32, revision: str | None = None,
-                        precision: str = "highest",
+                        precision: str | None = None,
                         float32_parts: tuple[str, ...] = DEFAULT_FLOAT32_PARTS) -> Xcodec2Model:
         """Load a checkpoint of any known layout, converted on the fly on the host.
 
@@ -163,10 +163,13 @@ class Xcodec2Model:
                 float32. Parameters are stored in float32 either way.
             revision: Hub branch, tag or commit.
             precision: matmul/conv precision for float32 operands, passed to every matmul and conv:
-                "highest" (default; float32 accuracy: 6 bf16 passes on TPU, full fp32 on GPU), "high"
-                (3 bf16 passes on TPU, TF32 on GPU) or "default" (1 bf16 pass on TPU, TF32 on GPU). Lower
-                precision is faster on TPU/GPU and flips FSQ codes (~2% at "default"); it changes nothing
-                on CPU.
+                "highest" (float32 accuracy: 6 bf16 passes on TPU, full fp32 on GPU), "high" (3 bf16 passes
+                on TPU, TF32 on GPU) or "default" (1 bf16 pass on TPU, TF32 on GPU). None (default):
+                "highest", except for a bf16/fp16 model's float32 parts when JAX's default backend is a TPU:
+                "high" (as accurate for the codes there, half the passes). Lower precision is faster on
+                TPU/GPU and flips FSQ codes: with the arithmetic emulated on the full-size random model, a
+                float32 model keeps 99.5% of its codes at TPU "high", 51% at TPU "default" and 84% at GPU
+                TF32 (``benchmarks/RESULTS.md``, "Precision on accelerators"). It changes nothing on CPU.
             float32_parts: parts kept in float32 when ``dtype`` is bf16/fp16 (see
                 ``xcodec2_jax.nn.codec.PARTS``); the default keeps fc_encoder -> project_in, whose output
                 FSQ rounds to pick the codes, and the acoustic encoder (98% of the codes then equal float32's

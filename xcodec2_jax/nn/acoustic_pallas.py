@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import kernel_matmul
 from .antialias import DOWN_EVEN, DOWN_ODD, PHASE_TAPS, UP_EVEN, UP_ODD, snake_beta
 
 Array = jax.Array
@@ -115,10 +116,8 @@ def _activation_kernel(lengths_ref, alpha_ref, inv_beta_ref, *refs, block: int, 
 
 
 def _matmul(weights: Array, x: Array, precision) -> Array:
-    """(O, I) @ (I, W) on the matrix unit, float32 accumulation; ``precision`` applies to float32 operands
-    (Mosaic takes none for bf16 ones)."""
-    precision = precision if weights.dtype == jnp.float32 else None
-    return jnp.dot(weights, x.astype(weights.dtype), precision=precision, preferred_element_type=jnp.float32)
+    """(O, I) @ (I, W) on the matrix unit, float32 accumulation; ``precision`` applies to float32 operands."""
+    return kernel_matmul.dot_general(weights, x.astype(weights.dtype), (((1,), (0,)), ((), ())), precision)
 
 
 def _conv(src_ref, offset: int, width: int, weights_ref, bias: Array, dilation: int, precision) -> Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import kernel_matmul
 from .attention_terms import MASKED_LOGIT
 
 Array = jax.Array
@@ -39,9 +40,7 @@ def _kernel(q_ref, k_ref, v_ref, distance_ref, valid_ref, out_ref, m_ref, l_ref,
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     q, k, v = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0]
-    prec = precision if q.dtype == jnp.float32 else None
-    scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                                 preferred_element_type=jnp.float32)
+    scores = kernel_matmul.dot_general(q, k, (((1,), (1,)), ((), ())), precision)
     if distance_ref is not None:
         rows = i * BLOCK + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
         cols = j * BLOCK + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
@@ -68,8 +67,7 @@ def _kernel(q_ref, k_ref, v_ref, distance_ref, valid_ref, out_ref, m_ref, l_ref,
     alpha = jnp.exp(m_prev - m_next)
     l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_ref[...] = m_next
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32)
+    pv = kernel_matmul.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision)
     acc_ref[...] = alpha * acc_ref[...] + pv
 
     @pl.when(j == pl.num_programs(3) - 1)

@@ -2,8 +2,9 @@
 
 Parameter layouts follow Flax conventions: Linear kernels are (in, out), Conv1d kernels are
 (kernel_size, in / groups, out). Every matmul and convolution receives the policy's ``precision``
-explicitly: on GPU/TPU the default precision is TF32/bf16-like and flips about 2% of the codes, so the
-float32 policy asks for ``HIGHEST`` op by op instead of flipping a global flag.
+explicitly: on GPU/TPU the default precision is TF32 / one bf16 pass and flips many codes (16% / 49% on
+the random full-size model, emulated), so the float32 policy asks for ``HIGHEST`` op by op instead of
+flipping a global flag.
 
 Masks are boolean arrays broadcastable to the activations (``(B, T, 1)`` channels-last, ``(B, 1, T)``
 channels-first). A conv given a mask zeroes masked positions first (with ``jnp.where``, so a NaN or Inf
@@ -52,11 +53,16 @@ class Numerics:
     param_dtype: jnp.dtype = jnp.float32
 
     @classmethod
-    def create(cls, dtype=jnp.float32, precision: str = "highest") -> Numerics:
-        """Validated constructor: ``dtype`` float32/bfloat16/float16, ``precision`` a key of PRECISIONS."""
+    def create(cls, dtype=jnp.float32, precision: str | None = None) -> Numerics:
+        """Validated constructor: ``dtype`` float32/bfloat16/float16, ``precision`` a key of PRECISIONS.
+
+        ``precision=None``: :func:`default_precision` for JAX's default backend.
+        """
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             raise ValueError(f"dtype={dtype} is not supported; expected float32, bfloat16 or float16")
+        if precision is None:
+            precision = default_precision(dtype, jax.default_backend())
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r} is not supported; expected one of {tuple(PRECISIONS)}")
         return cls(dtype, PRECISIONS[precision])
@@ -68,6 +74,17 @@ class Numerics:
     @property
     def precision_name(self) -> str:
         return next(name for name, p in PRECISIONS.items() if p == self.precision)
+
+
+def default_precision(dtype, platform: str) -> str:
+    """The precision of a model computing in ``dtype`` on ``platform`` when none is asked for: "highest",
+    except for the float32 parts of a bf16/fp16 model on TPU, "high" (3 bf16 passes instead of 6).
+
+    With the arithmetic emulated on the CPU (full-size random model), the default bf16 policy's codes agree
+    with float32's as often at TPU "high" as at "highest" (98.1% vs 97.8%), but only 84% at GPU "high", which
+    is TF32 (benchmarks/RESULTS.md, "Precision on accelerators").
+    """
+    return "high" if jnp.dtype(dtype) != jnp.float32 and platform == "tpu" else "highest"
 
 
 def activation(name: str) -> Callable[[Array], Array]:
