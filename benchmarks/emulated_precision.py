@@ -11,14 +11,15 @@ each case products are exact and sums float32.
 Inside ``emulated_precision("tpu")`` (or ``"gpu"``), programs compiled for the CPU lower every float32
 ``dot_general`` and ``conv_general_dilated`` whose precision is not "highest" into exactly those passes, run
 in float32 on the CPU. What it leaves out: the accelerators' summation order and blocking (float32 rounding
-noise, far below the operand rounding). A benchmark tool (``bf16.py --emulate``), not library code: it
-swaps JAX's internal CPU lowering rules while the context is open and clears JAX's caches on entry and exit.
+noise, far below the operand rounding), and ops mixing a float32 and a bf16 operand (computed exactly).
+A benchmark tool (``bf16.py --emulate``), not library code: it swaps JAX's internal CPU lowering rules
+while the context is open and clears JAX's caches on entry and exit.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,6 @@ from jax._src.lax import lax as lax_internal
 from xcodec2_jax.nn.kernel_matmul import bf16_head_tail
 
 Array = jax.Array
-Operand = Callable[[Array], tuple[Array, ...]]
 
 PLATFORMS = ("tpu", "gpu")
 _PRIMITIVES = (lax_internal.dot_general_p, convolution.conv_general_dilated_p)
@@ -38,7 +38,8 @@ _PRIMITIVES = (lax_internal.dot_general_p, convolution.conv_general_dilated_p)
 def _tf32(x: Array) -> Array:
     """x rounded to TF32's 10 explicit mantissa bits (ties away from zero), kept float32."""
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    return jax.lax.bitcast_convert_type((bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000), jnp.float32)
+    rounded = jax.lax.bitcast_convert_type((bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000), jnp.float32)
+    return jnp.where(jnp.isnan(x), x, rounded)
 
 
 def _passes(platform: str, precision) -> list[tuple[str, str]] | None:
@@ -80,7 +81,7 @@ def _emulating_rule(primitive, original: mlir.LoweringRuleEntry, platform: str):
             # not emulated again when this function is lowered.
             terms = [primitive.bind(xs[a], ys[b], precision=lax_internal.canonicalize_precision("highest"),
                                     preferred_element_type=jnp.float32, **params) for a, b in passes]
-            return sum(terms[1:], terms[0]).astype(out_dtype)
+            return sum(terms[1:], terms[0]).astype(out_dtype)  # ((hh + ht) + th), as nn/kernel_matmul.py
 
         return mlir.lower_fun(emulated, multiple_results=False)(ctx, lhs, rhs)
 

@@ -60,6 +60,11 @@ def test_gpu_passes_use_tf32_operands_and_the_context_restores_the_cpu():
     np.testing.assert_allclose(default, matmul("highest", tf32(LHS), tf32(RHS)), rtol=0, atol=1e-4)
     np.testing.assert_array_equal(default, high)
     assert np.abs(default - matmul("highest")).max() > 1e-3  # TF32 rounding is visible at this size
+    # TF32 keeps 10 mantissa bits, ties away from zero (the PTX cvt.rna.tf32.f32 conversion).
+    ties = jnp.asarray([[1 + 2**-11, -(1 + 2**-11), 1 + 2**-12, 1 + 3 * 2**-12]], jnp.float32)
+    with emulated_precision("gpu"):
+        rounded = matmul("default", ties.T, jnp.ones((1, 1), jnp.float32))[:, 0]
+    np.testing.assert_array_equal(rounded, [1 + 2**-10, -(1 + 2**-10), 1, 1 + 2**-10])
     # bfloat16 operands are left alone; after the context XLA:CPU computes float32 exactly again.
     np.testing.assert_array_equal(half, np.asarray(jax.jit(jnp.matmul)(LHS.astype(jnp.bfloat16),
                                                                        RHS.astype(jnp.bfloat16)), np.float64))

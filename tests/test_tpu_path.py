@@ -4,6 +4,8 @@ bf16 policies of ``from_pretrained``."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -63,29 +65,26 @@ def test_residual_unit_kernel_equals_xla_form(channels, samples, lengths, dilati
     assert _valid_err(got, want, lengths) < 5e-6 * float(np.abs(np.asarray(want)).max())
 
 
+def _residual_unit_kernel(unit: ResidualUnit, x: jax.Array, lengths: jax.Array, precision) -> jax.Array:
+    return acoustic_pallas.residual_unit(
+        x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]), unit.snake2.parameters(),
+        (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=unit.conv1.dilation, precision=precision,
+        interpret=True)
+
+
 def test_kernels_compute_precision_high_as_three_bf16_passes():
-    """Mosaic rejects "high" in a kernel's dot; the kernels make its bf16x3 passes explicit: float32 accuracy
-    to ~2^-16, where one bf16 pass ("default") is ~100x further off."""
+    """The kernels' "high" is bf16x3 written out: float32 accuracy to ~2^-16, where one bf16 pass (a TPU's
+    "default", emulated) is > 100x further off."""
     unit = ResidualUnit(48, 3, numerics=Numerics(), rngs=nnx.Rngs(2))
     x = jnp.asarray(_rng(3).standard_normal((2, 48, 700)), jnp.float32)
     lengths = jnp.asarray([700, 333], jnp.int32)
     want = unit.xla(x, lengths)
     scale = float(np.abs(np.asarray(want)).max())
-    errors = {}
-    for precision in (jax.lax.Precision.HIGH, jax.lax.Precision.DEFAULT):
-        got = acoustic_pallas.residual_unit(
-            x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]),
-            unit.snake2.parameters(), (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=3,
-            precision=precision, interpret=True)
-        errors[precision] = _valid_err(got, want, lengths) / scale
-    with emulated_precision("tpu"):  # one bf16 pass, as a TPU computes "default" (XLA:CPU would not round)
-        got = acoustic_pallas.residual_unit(
-            x, lengths, unit.snake1.parameters(), (unit.conv1.kernel[...], unit.conv1.bias[...]),
-            unit.snake2.parameters(), (unit.conv2.kernel[...], unit.conv2.bias[...]), dilation=3,
-            precision=jax.lax.Precision.DEFAULT, interpret=True)
-        errors["one pass"] = _valid_err(got, want, lengths) / scale
-    assert errors[jax.lax.Precision.HIGH] < 2e-5
-    assert errors["one pass"] > 100 * errors[jax.lax.Precision.HIGH]
+    high = _valid_err(_residual_unit_kernel(unit, x, lengths, jax.lax.Precision.HIGH), want, lengths) / scale
+    with emulated_precision("tpu"):
+        one_pass = _residual_unit_kernel(unit, x, lengths, jax.lax.Precision.DEFAULT)
+    assert 0 < high < 2e-5
+    assert _valid_err(one_pass, want, lengths) / scale > 100 * high
 
     from xcodec2_jax.nn import attention_pallas
     from xcodec2_jax.nn.layers import attention
@@ -94,6 +93,25 @@ def test_kernels_compute_precision_high_as_three_bf16_passes():
     mask = jnp.asarray(np.arange(300)[None, :] < np.array([300, 77])[:, None])
     got = attention_pallas.flash_attention(q, k, v, mask, precision=jax.lax.Precision.HIGH, interpret=True)
     assert float(jnp.abs(got - attention(q, k, v, numerics=Numerics(), key_mask=mask)).max()) < 2e-5
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "default"])
+def test_kernels_lower_for_tpu_at_every_precision(precision):
+    """Mosaic raises on a "high" dot (and ``attention`` sets the layer's precision as the ambient default):
+    the attention kernel (plain over >= FLASH_MIN_KEYS keys, and relative) and the residual-unit kernel lower
+    for TPU, here on the CPU, at every precision of a float32 layer."""
+    from xcodec2_jax.nn.layers import FLASH_MIN_KEYS, RelativeKey, attention
+
+    numerics = Numerics.create(jnp.float32, precision)
+    q = jax.ShapeDtypeStruct((1, FLASH_MIN_KEYS, 2, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, FLASH_MIN_KEYS), jnp.bool_)
+    unit = ResidualUnit(48, 3, numerics=numerics, rngs=nnx.Rngs(0))
+    programs = [jax.jit(functools.partial(attention, numerics=numerics, relative=relative))
+                .trace(q, q, q, key_mask=mask) for relative in (None, RelativeKey(jnp.zeros((73, 64)), 64, 8))]
+    programs.append(jax.jit(unit).trace(jax.ShapeDtypeStruct((1, 48, 4000), jnp.float32),
+                                        jax.ShapeDtypeStruct((1,), jnp.int32)))
+    for program in programs:
+        assert "tpu_custom_call" in program.lower(lowering_platforms=("tpu",)).as_text()
 
 
 # ------------------------------------------------------------------------------------ masking (issue 14)
