@@ -19,7 +19,8 @@ while the context is open and clears JAX's caches on entry and exit.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax._src.interpreters import mlir  # the lowering registry: there is no pub
 from jax._src.lax import convolution
 from jax._src.lax import lax as lax_internal
 
-from xcodec2_jax.nn.kernel_matmul import bf16_head_tail
+from xcodec2_jax.nn.kernel_matmul import bf16x3
 
 Array = jax.Array
 
@@ -42,47 +43,38 @@ def _tf32(x: Array) -> Array:
     return jnp.where(jnp.isnan(x), x, rounded)
 
 
-def _passes(platform: str, precision) -> list[tuple[str, str]] | None:
-    """The (lhs part, rhs part) products a float32 op at ``precision`` takes; None: computed in float32."""
+def _precision_name(precision) -> str | None:
+    """"DEFAULT" / "HIGH" / "HIGHEST" of a canonical dot or conv precision; None for an algorithm preset."""
     if precision is None:
-        name = "DEFAULT"
-    elif isinstance(precision, tuple):
-        name = max(precision, key=lambda p: p.value).name  # the stronger of the two operands' requests
-    else:
-        return None  # an explicit algorithm preset: left as it is
-    if name == "HIGHEST":
-        return None
-    if platform == "gpu":
-        return [("tf32", "tf32")]
-    return [("head", "head")] if name == "DEFAULT" else [("head", "head"), ("head", "tail"), ("tail", "head")]
+        return "DEFAULT"
+    if isinstance(precision, tuple):
+        return max(precision, key=lambda p: p.value).name  # the stronger of the two operands' requests
+    return None
 
 
-def _parts(x: Array, platform: str) -> dict[str, Array]:
+def _emulated(platform: str, name: str, product: Callable[[Array, Array], Array], x: Array, y: Array) -> Array:
+    """``product(x, y)`` of float32 operands as ``platform`` computes it at precision ``name`` (not HIGHEST)."""
     if platform == "gpu":
-        return {"tf32": _tf32(x)}
-    head, tail = bf16_head_tail(x)
-    return {"head": head, "tail": tail}
+        return product(_tf32(x), _tf32(y))
+    if name == "DEFAULT":
+        return product(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16))
+    return bf16x3(product, x, y)
 
 
 def _emulating_rule(primitive, original: mlir.LoweringRuleEntry, platform: str):
     """A CPU lowering of ``primitive`` that emulates ``platform``'s passes for float32 operands."""
 
     def rule(ctx, lhs, rhs, *, precision, preferred_element_type, **params):
-        float32 = all(aval.dtype == jnp.float32 for aval in ctx.avals_in)
-        passes = _passes(platform, precision) if float32 else None
-        if passes is None:
+        name = _precision_name(precision)
+        if name in (None, "HIGHEST") or any(aval.dtype != jnp.float32 for aval in ctx.avals_in):
             return original.rule(ctx, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type,
                                  **params)
         out_dtype = ctx.avals_out[0].dtype
-
-        def emulated(x: Array, y: Array) -> Array:
-            xs, ys = _parts(x, platform), _parts(y, platform)
-            # Each pass: exact products, float32 sums; "highest" so that the TF32 pass (float32 operands) is
-            # not emulated again when this function is lowered.
-            terms = [primitive.bind(xs[a], ys[b], precision=lax_internal.canonicalize_precision("highest"),
-                                    preferred_element_type=jnp.float32, **params) for a, b in passes]
-            return sum(terms[1:], terms[0]).astype(out_dtype)  # ((hh + ht) + th), as nn/kernel_matmul.py
-
+        # Each pass: exact products, float32 sums; "highest" so that the TF32 pass (float32 operands) is not
+        # emulated again when this function is lowered.
+        product = functools.partial(primitive.bind, precision=lax_internal.canonicalize_precision("highest"),
+                                    preferred_element_type=jnp.float32, **params)
+        emulated = lambda x, y: _emulated(platform, name, product, x, y).astype(out_dtype)
         return mlir.lower_fun(emulated, multiple_results=False)(ctx, lhs, rhs)
 
     return rule

@@ -11,6 +11,7 @@ the layer's precision that way) cannot reach Mosaic either.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,13 @@ def bf16_head_tail(x: Array) -> tuple[Array, Array]:
     return head, (x - head.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
+def bf16x3(product: Callable[[Array, Array], Array], x: Array, y: Array) -> Array:
+    """``product(x, y)`` of float32 x and y as precision "high" computes it: the three bf16 passes above,
+    each ``product`` of bf16 operands with float32 results, summed ((hh + ht) + th)."""
+    (x_head, x_tail), (y_head, y_tail) = bf16_head_tail(x), bf16_head_tail(y)
+    return product(x_head, y_head) + product(x_head, y_tail) + product(x_tail, y_head)
+
+
 def dot_general(lhs: Array, rhs: Array, dimension_numbers: DimensionNumbers,
                 precision: jax.lax.Precision | None) -> Array:
     """``jax.lax.dot_general(lhs, rhs, dimension_numbers)`` with float32 results (e.g. (O, I) x (I, W) ->
@@ -37,7 +45,4 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers: DimensionNumbers,
         return dot(lhs, rhs, precision=one_pass)
     if precision != jax.lax.Precision.HIGH:
         return dot(lhs, rhs, precision=precision or one_pass)
-    (lhs_head, lhs_tail), (rhs_head, rhs_tail) = bf16_head_tail(lhs), bf16_head_tail(rhs)
-    passes = [dot(a, b, precision=one_pass) for a, b in ((lhs_head, rhs_head), (lhs_head, rhs_tail),
-                                                          (lhs_tail, rhs_head))]
-    return passes[0] + passes[1] + passes[2]
+    return bf16x3(functools.partial(dot, precision=one_pass), lhs, rhs)
