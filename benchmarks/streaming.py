@@ -44,13 +44,15 @@ from xcodec2_jax.engine import EngineSettings
 from xcodec2_jax.nn.decoder import KeyValues
 from xcodec2_jax.streaming import DEFAULT_SETTINGS, BatchedStreamingDecoder, StreamingDecoder, StreamingSettings
 
-DEFAULT_GRID = [  # the defaults, then one knob at a time, then plain windows (no memory)
+LOW_LATENCY = StreamingSettings(25, 13, 13, 250)  # README's low-latency alternative (the defaults until session 6)
+DEFAULT_GRID = [  # the defaults, the low-latency setting, one knob at a time, then plain windows (no memory)
     DEFAULT_SETTINGS,
-    *(dataclasses.replace(DEFAULT_SETTINGS, lookahead_frames=a) for a in (0, 4, 8, 20)),
-    *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left) for left in (0, 50)),
-    *(dataclasses.replace(DEFAULT_SETTINGS, chunk_frames=chunk) for chunk in (10, 50)),
-    *(dataclasses.replace(DEFAULT_SETTINGS, memory_frames=memory) for memory in (1500,)),
-    *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left, memory_frames=0) for left in (13, 50, 150)),
+    LOW_LATENCY,
+    *(dataclasses.replace(DEFAULT_SETTINGS, lookahead_frames=a) for a in (0, 13, 38)),
+    *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left) for left in (0, 13, 50)),
+    *(dataclasses.replace(DEFAULT_SETTINGS, chunk_frames=chunk) for chunk in (25, 100)),
+    *(dataclasses.replace(DEFAULT_SETTINGS, memory_frames=memory) for memory in (100, 500, 1500)),
+    *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left, memory_frames=0) for left in (25, 150)),
 ]
 ORACLES = ("groupnorm", "attention", "both")
 

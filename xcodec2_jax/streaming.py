@@ -17,21 +17,29 @@ How it works
 * **Receptive field, and a memory for the rest.** The Vocos decoder mixes neighbouring frames locally
   through the k=7 embed conv (+-3 frames), four ResNet blocks of two k=3 convs (+-4 before and +-4 after the
   transformer) and the ISTFT (n_fft = 4 hops, "same" padding: the samples of frame j come from frames
-  j-2 .. j+2): +-13 frames in all, hence the defaults L = A = 13. Two parts see the whole sequence: the
-  GroupNorm statistics of the four ResNet blocks, and the bidirectional attention, whose RoPE runs over
-  heads, so its scores carry no position at all: each frame pools the sequence by content alone. Neither
-  depends on where the other frames are, so each stream keeps a **memory** of its last M
+  j-2 .. j+2): +-13 frames in all, so any L, A >= 13 decode that local part exactly. Two parts see the
+  whole sequence: the GroupNorm statistics of the four ResNet blocks, and the bidirectional attention, whose
+  RoPE runs over heads, so its scores carry no position at all: each frame pools the sequence by content
+  alone. Neither depends on where the other frames are, so each stream keeps a **memory** of its last M
   (``memory_frames``, rounded up to whole chunks) emitted frames: their attention keys and values in every
   layer and the moments of every GroupNorm input, as computed in their own windows. Every step attends to
   and pools statistics over the memory frames before its window plus the window itself. What remains
   approximate is the future beyond the lookahead (and frames older than M) for those two window-wide parts.
   ``benchmarks/streaming.py`` measures each part's share; the numbers are in ``benchmarks/RESULTS.md``.
+* **Why the defaults (C, L, A, M) = (50, 25, 25, 250).** Almost all of the streamed audio's difference from
+  the full decode is attention's (oracles in RESULTS), and attention has no position: what decides its output
+  is which frames it sees, not how near they are. A frame at offset p of its chunk sees ``C - p + A`` future
+  frames, ``C / 2 + A`` on average, so the chunk is the lever: (50, 25, 25) lets a frame see 50 future frames
+  on average (1 s) against 25.5 at (25, 13, 13), for the same 2x decode work per emitted frame. L = A = 25
+  is the +-13 local field with room to spare (the upsampler's +-14 too). The price is latency: the first
+  audio needs C + A = 75 codes (1.5 s of speech) plus one step; ``StreamingDecoder(model, 25, 13, 13)``
+  starts after 38 codes, further from the full decode (RESULTS has the grid).
 * **The upsampler (Anime-XCodec2 44.1 kHz family).** The hop is read from the step's output shape, so
   streaming works unchanged, but the upsampler's own ResNet blocks are not in the memory: their GroupNorm
   statistics see only the window, one more approximation that the benchmark (16 kHz family) does not
   measure. It also widens the local receptive field: with one stage of factor 3 and kernel 9 (the tests'
   configuration) its transposed conv, its block's two k=3 convs and the ISTFT's +-2 frames at the upsampled
-  rate reach +-3 frames beyond the backbone's +-11: +-14 in all, one more than L = A = 13 cover.
+  rate reach +-3 frames beyond the backbone's +-11: +-14 in all, within the default L = A = 25.
 * **Many streams.** :class:`BatchedStreamingDecoder` steps up to ``slots`` streams in one device call,
   sharded over a mesh of devices like the engine's (axis ``DATA_AXIS``): each stream is one batch row with
   its own valid length, so rows do not influence each other, and free or waiting slots are dummy rows whose
@@ -73,9 +81,9 @@ class StreamingSettings:
     arrived, plus one step. Why these defaults: the module docstring and ``benchmarks/RESULTS.md``.
     """
 
-    chunk_frames: int = 25  # 0.5 s at 50 codes/s; a step decodes (13 + 25 + 13) / 25 ~ 2x the frames it emits
-    left_context_frames: int = 13  # the local receptive field, see the module docstring
-    lookahead_frames: int = 13
+    chunk_frames: int = 50  # 1 s at 50 codes/s; a step decodes (25 + 50 + 25) / 50 = 2x the frames it emits
+    left_context_frames: int = 25  # twice the local receptive field, see the module docstring
+    lookahead_frames: int = 25
     memory_frames: int = 250  # 5 s (rounded up to whole chunks); why: benchmarks/RESULTS.md
 
     def __post_init__(self) -> None:
