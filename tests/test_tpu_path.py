@@ -39,15 +39,21 @@ SHAPES = [(8, 203, (203, 71)), (48, 3000, (3000, 1281, 7))]
 
 
 @pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)
-def test_activation_kernel_equals_xla_form(channels, samples, lengths):
+@pytest.mark.parametrize("zero_past_end", [False, True])
+def test_activation_kernel_equals_xla_form(channels, samples, lengths, zero_past_end):
+    """Equal on each item's valid samples; with ``zero_past_end`` both are exactly 0 past the end."""
     x = jnp.asarray(2 * _rng(1).standard_normal((len(lengths), channels, samples)), jnp.float32)
     act = AntiAliasedActivation(channels, numerics=Numerics(), rngs=nnx.Rngs(0))
     alpha, inv_beta = act.parameters()
     lengths = jnp.asarray(lengths, jnp.int32)
-    want = polyphase_xla(x, alpha, inv_beta, lengths)
-    got = acoustic_pallas.activation(x, lengths, alpha, inv_beta, interpret=True)
+    want = act(x, lengths, zero_past_end=zero_past_end)  # the XLA form on CPU
+    np.testing.assert_array_equal(want, polyphase_xla(x, alpha, inv_beta, lengths) * (
+        np.arange(samples) < np.asarray(lengths)[:, None, None] if zero_past_end else 1))
+    got = acoustic_pallas.activation(x, lengths, alpha, inv_beta, zero_past_end=zero_past_end, interpret=True)
     assert np.isfinite(np.asarray(got)).all()
     assert _valid_err(got, want, lengths) < 5e-6
+    if zero_past_end:
+        assert all((np.asarray(got)[i, :, n:] == 0).all() for i, n in enumerate(np.asarray(lengths)))
 
 
 @pytest.mark.parametrize(("channels", "samples", "lengths"), SHAPES)

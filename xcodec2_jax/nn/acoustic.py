@@ -39,16 +39,22 @@ class AntiAliasedActivation(nnx.Module):
     def __init__(self, channels: int, *, numerics: Numerics, rngs: nnx.Rngs):
         self.act = SnakeBeta(channels, numerics=numerics, rngs=rngs)
 
-    def __call__(self, x: Array, lengths: Array | None = None) -> Array:
+    def __call__(self, x: Array, lengths: Array | None = None, *, zero_past_end: bool = False) -> Array:
         """x (B, C, T), lengths (B,) valid samples or None -> (B, C, T) in x's dtype.
 
         Computed in float32 whatever the compute dtype: it is memory-bound, so only its input and output
         are worth narrowing. The Pallas kernel when lowering for TPU, the XLA form elsewhere.
+        ``zero_past_end``: zeros from each item's end on, the input a conv takes (see :func:`masked_conv`).
         """
         alpha, inv_beta = self.parameters()
-        return on_tpu(lambda x, full: per_device(acoustic_pallas.activation, x, full, replicated=(alpha, inv_beta)),
-                      lambda x, lengths: polyphase_xla(x.astype(jnp.float32), alpha, inv_beta, lengths).astype(x.dtype),
-                      x, lengths)
+        zero_past_end = zero_past_end and lengths is not None
+
+        def xla(x: Array, lengths: Array | None) -> Array:
+            y = polyphase_xla(x.astype(jnp.float32), alpha, inv_beta, lengths).astype(x.dtype)
+            return jnp.where(time_mask(lengths, x.shape[-1]), y, 0) if zero_past_end else y
+
+        kernel = functools.partial(acoustic_pallas.activation, zero_past_end=zero_past_end)
+        return on_tpu(lambda x, full: per_device(kernel, x, full, replicated=(alpha, inv_beta)), xla, x, lengths)
 
     def parameters(self) -> tuple[Array, Array]:
         """(exp(alpha), 1 / (exp(beta) + 1e-9)), each (C, 1) float32."""
@@ -68,6 +74,15 @@ def time_mask(lengths: Array | None, t: int) -> Array | None:
     if lengths is None:
         return None
     return jnp.arange(t)[None, None, :] < lengths[:, None, None]
+
+
+def masked_conv(conv: Conv1d, activation: AntiAliasedActivation, x: Array, lengths: Array | None) -> Array:
+    """``conv(activation(x))`` with the conv's input zero past each item's end (padding-exact batching).
+
+    The activation writes the zeros with its output: on TPU a separate mask would be one more read and
+    write of the whole signal before the conv (v5e, full size, 8 x 6 s per chip: 1.43 GB per encode step).
+    """
+    return conv(activation(x, lengths, zero_past_end=True))
 
 
 class ResidualUnit(nnx.Module):
@@ -93,7 +108,7 @@ class ResidualUnit(nnx.Module):
                       self.xla, x, lengths)
 
     def xla(self, x: Array, lengths: Array | None) -> Array:
-        h = self.conv1(self.snake1(x, lengths), time_mask(lengths, x.shape[-1]))
+        h = masked_conv(self.conv1, self.snake1, x, lengths)
         return x + self.conv2(self.snake2(h, lengths))
 
 
@@ -114,8 +129,7 @@ class EncoderBlock(nnx.Module):
         """Returns the downsampled activations and the items' lengths at the new rate."""
         x = self.res_unit1(x, lengths)
         x = self.res_unit2(x, lengths)
-        x = self.snake1(self.res_unit3(x, lengths), lengths)
-        x = self.conv1(x, time_mask(lengths, x.shape[-1]))
+        x = masked_conv(self.conv1, self.snake1, self.res_unit3(x, lengths), lengths)
         return x, None if lengths is None else lengths // self.stride
 
 
@@ -139,9 +153,7 @@ class AcousticEncoder(nnx.Module):
         x = on_tpu(self.mono_fir, lambda w, lengths: self.conv1(w, time_mask(lengths, w.shape[-1])), waveform, lengths)
         for block in self.block:
             x, lengths = block(x, lengths)
-        x = self.snake1(x, lengths)
-        x = self.conv2(x, time_mask(lengths, x.shape[-1]))
-        return x.transpose(0, 2, 1)
+        return masked_conv(self.conv2, self.snake1, x, lengths).transpose(0, 2, 1)
 
     def mono_fir(self, waveform: Array, lengths: Array) -> Array:
         """conv1 on TPU: one input channel, so k broadcast multiply-adds, (B, 1, T) -> (B, C, T).

@@ -107,11 +107,13 @@ def _load_window(window_ref, refs, block: int, halo: int, start, length) -> None
     window_ref[...] = _replicate_edges(x, _positions(start - _HALO, x.shape), length)
 
 
-def _activation_kernel(lengths_ref, alpha_ref, inv_beta_ref, *refs, block: int, halo: int):
+def _activation_kernel(lengths_ref, alpha_ref, inv_beta_ref, *refs, block: int, halo: int, zero_past_end: bool):
     *inputs, out_ref, window_ref, even_ref, odd_ref = refs
     length, start = lengths_ref[pl.program_id(0)], pl.program_id(2) * block
     _load_window(window_ref, inputs, block, halo, start, length)
     out = _activation(window_ref, _HALO, start, block, length, alpha_ref[...], inv_beta_ref[...], even_ref, odd_ref)
+    if zero_past_end:
+        out = jnp.where(_positions(start, out.shape) < length, out, 0.0)
     out_ref[0] = out.astype(out_ref.dtype)
 
 
@@ -195,10 +197,13 @@ def _window_scratch(c: int, block: int, margin: int) -> list:
     return [pltpu.VMEM((c, block + 2 * margin), jnp.float32)]
 
 
-@functools.partial(jax.jit, static_argnames="interpret")
-def activation(x: Array, lengths: Array, alpha: Array, inv_beta: Array, interpret: bool = False) -> Array:
+@functools.partial(jax.jit, static_argnames=("zero_past_end", "interpret"))
+def activation(x: Array, lengths: Array, alpha: Array, inv_beta: Array, zero_past_end: bool = False,
+               interpret: bool = False) -> Array:
     """Anti-aliased activation. x (B, C, T) any float dtype, lengths (B,) int, alpha/inv_beta (C, 1)
-    float32 (see :func:`.antialias.snake_parameters`) -> (B, C, T) in x's dtype.
+    float32 (see :func:`.antialias.snake_parameters`) -> (B, C, T) in x's dtype. ``zero_past_end``: the
+    output is 0 from each item's length on (a conv's input mask, written with the output instead of in a
+    pass of its own).
 
     Grid (item, channel block, time block); channels are independent, so they are blocked too.
     """
@@ -210,7 +215,7 @@ def activation(x: Array, lengths: Array, alpha: Array, inv_beta: Array, interpre
     vector = pl.BlockSpec((cb, 1), lambda i, j, k, lengths: (j, 0))
     wide = block + 2 * _MARGIN
     return pl.pallas_call(
-        functools.partial(_activation_kernel, block=block, halo=halo),
+        functools.partial(_activation_kernel, block=block, halo=halo, zero_past_end=zero_past_end),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=grid, in_specs=[vector, vector, *specs], out_specs=specs[copies // 2],
             scratch_shapes=[*_window_scratch(cb, block, _HALO), pltpu.VMEM((cb, wide), jnp.float32),
