@@ -42,12 +42,17 @@ from convert.torch_reference import full_size_checkpoint
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
 from xcodec2_jax.engine import EngineSettings
 from xcodec2_jax.nn.decoder import KeyValues
-from xcodec2_jax.streaming import DEFAULT_SETTINGS, BatchedStreamingDecoder, StreamingDecoder, StreamingSettings
+from xcodec2_jax.streaming import (
+    DEFAULT_SETTINGS,
+    LOW_LATENCY_SETTINGS,
+    BatchedStreamingDecoder,
+    StreamingDecoder,
+    StreamingSettings,
+)
 
-LOW_LATENCY = StreamingSettings(25, 13, 13, 250)  # README's low-latency alternative (the defaults until session 6)
 DEFAULT_GRID = [  # the defaults, the low-latency setting, one knob at a time, then plain windows (no memory)
     DEFAULT_SETTINGS,
-    LOW_LATENCY,
+    LOW_LATENCY_SETTINGS,
     *(dataclasses.replace(DEFAULT_SETTINGS, lookahead_frames=a) for a in (0, 13, 38)),
     *(dataclasses.replace(DEFAULT_SETTINGS, left_context_frames=left) for left in (0, 13, 50)),
     *(dataclasses.replace(DEFAULT_SETTINGS, chunk_frames=chunk) for chunk in (25, 100)),
@@ -210,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracles", nargs="*", default=list(ORACLES), choices=ORACLES,
                         help="oracle decodes for the --oracle-grid settings (default: all; none: skip)")
     parser.add_argument("--oracle-grid", nargs="*", type=_settings, metavar="C,L,A[,M]",
-                        default=[DEFAULT_SETTINGS, dataclasses.replace(DEFAULT_SETTINGS, memory_frames=0)])
+                        default=[DEFAULT_SETTINGS, dataclasses.replace(DEFAULT_SETTINGS, memory_frames=0)],
+                        help="settings decoded with the oracles (default: the defaults with and without memory; "
+                             "the flag alone: none)")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (0: skip)")
     parser.add_argument("--checkpoint", help="a checkpoint directory (default: the seeded random full-size one)")
     args = parser.parse_args(argv)

@@ -28,12 +28,13 @@ How it works
   ``benchmarks/streaming.py`` measures each part's share; the numbers are in ``benchmarks/RESULTS.md``.
 * **Why the defaults (C, L, A, M) = (50, 25, 25, 250).** Almost all of the streamed audio's difference from
   the full decode is attention's (oracles in RESULTS), and attention has no position: what decides its output
-  is which frames it sees, not how near they are. A frame at offset p of its chunk sees ``C - p + A`` future
-  frames, ``C / 2 + A`` on average, so the chunk is the lever: (50, 25, 25) lets a frame see 50 future frames
-  on average (1 s) against 25.5 at (25, 13, 13), for the same 2x decode work per emitted frame. L = A = 25
-  is the +-13 local field with room to spare (the upsampler's +-14 too). The price is latency: the first
-  audio needs C + A = 75 codes (1.5 s of speech) plus one step; ``StreamingDecoder(model, 25, 13, 13)``
-  starts after 38 codes, further from the full decode (RESULTS has the grid).
+  is which frames it sees, not how near they are. The frame at offset p (0 .. C - 1) of its chunk sees
+  ``C - 1 - p + A`` future frames, ``(C - 1) / 2 + A`` on average, so the chunk is the lever: (50, 25, 25)
+  lets a frame see 49.5 future frames on average (~1 s) against 25 at (25, 13, 13), for the same 2x decode
+  work per emitted frame. L = A = 25 is the +-13 local field with room to spare (the upsampler's +-14 too).
+  The price is latency: the first audio needs C + A = 75 codes (1.5 s of speech) plus one step;
+  :data:`LOW_LATENCY_SETTINGS` (25, 13, 13, 250) starts after 38 codes, further from the full decode
+  (RESULTS has the grid).
 * **The upsampler (Anime-XCodec2 44.1 kHz family).** The hop is read from the step's output shape, so
   streaming works unchanged, but the upsampler's own ResNet blocks are not in the memory: their GroupNorm
   statistics see only the window, one more approximation that the benchmark (16 kHz family) does not
@@ -82,7 +83,7 @@ class StreamingSettings:
     """
 
     chunk_frames: int = 50  # 1 s at 50 codes/s; a step decodes (25 + 50 + 25) / 50 = 2x the frames it emits
-    left_context_frames: int = 25  # twice the local receptive field, see the module docstring
+    left_context_frames: int = 25  # the +-13 local receptive field with room, see the module docstring
     lookahead_frames: int = 25
     memory_frames: int = 250  # 5 s (rounded up to whole chunks); why: benchmarks/RESULTS.md
 
@@ -109,6 +110,9 @@ class StreamingSettings:
 
 
 DEFAULT_SETTINGS = StreamingSettings()
+# First audio after 38 codes instead of 75, further from the full decode (8.4 instead of 10.1 dB on the
+# full-size random model; benchmarks/RESULTS.md): StreamingDecoder(model, *LOW_LATENCY_SETTINGS).
+LOW_LATENCY_SETTINGS = StreamingSettings(25, 13, 13, 250)
 
 
 # ------------------------------------------------------------------------------------------ device step
@@ -463,5 +467,5 @@ class StreamingDecoder:
         return np.concatenate(pieces)
 
 
-__all__ = ["DEFAULT_SETTINGS", "BatchedStreamingDecoder", "Memory", "Piece", "StreamState", "StreamingDecoder",
-           "StreamingSettings", "decode_windows", "num_compilations"]
+__all__ = ["DEFAULT_SETTINGS", "LOW_LATENCY_SETTINGS", "BatchedStreamingDecoder", "Memory", "Piece", "StreamState",
+           "StreamingDecoder", "StreamingSettings", "decode_windows", "num_compilations"]

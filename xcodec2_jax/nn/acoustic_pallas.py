@@ -16,7 +16,8 @@ They compute the same numbers as the XLA forms in :mod:`.antialias` and :mod:`.a
 reference and the CPU/GPU path; ``interpret=True`` runs the kernels on CPU for the tests), with the same
 edge rules: an item's signal is replicated past its end (activations) or zero past its end (conv
 inputs), decided per sample from its absolute position and the item's length, so every block can apply
-them locally. Outputs past an item's end are finite but meaningless, as in the XLA forms.
+them locally. Outputs past an item's end are finite but meaningless, as in the XLA forms (zero with
+:func:`activation`'s ``zero_past_end``).
 
 Reading a block: each grid step reads its time block plus 128 samples on each side (clamped to the
 array; whatever lies outside the item is replaced by the edge rules), so the halo costs 256 / block of
