@@ -18,11 +18,12 @@ machine noise hits them alike.
 
 ``--end-to-end N`` adds rows for the whole engine path: ``encode_audio`` on N clips with lengths drawn
 uniformly from ``--end-to-end-seconds`` (default 1-20 s) and ``decode_codes`` on their codes, default engine
-settings at the first ``--batch-sizes`` value, against the step alone measured before AND after (its mean
-is the reference). The steps those runs need are compiled beforehand (found by a dry run of the same engine
-with no-op steps), so the rows show the steady state; compile time is reported apart. The rows include
-host work (features, packing, stitching), padding to buckets and dummy rows; the engine's counters give
-the padding cost (computed / audio seconds).
+settings at the first ``--batch-sizes`` value, against the step alone measured before each of the
+``--end-to-end-repeats`` runs and after the last (its mean is the reference; the rows give the median run).
+The steps those runs need are compiled beforehand (found by a dry run of the same engine with no-op steps),
+so the rows show the steady state; compile time is reported apart. The rows include host work (features,
+packing, stitching), padding to buckets and dummy rows; the engine's counters give the padding cost
+(computed / audio seconds).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class JaxRunner:
     def __init__(self, model: Xcodec2Model, batch: int, frames: int):
         seconds = frames / model.config.frame_rate
         settings = EngineSettings(batch_size=batch, bucket_seconds=(seconds,), window_seconds=seconds,
-                                  overlap_seconds=seconds / 2, crossfade_seconds=0.0)
+                                  overlap_seconds=seconds / 2, crossfade_seconds=0.0,
+                                  full_batch_seconds=None)
         self.engine = model.engine(settings)
         self.frames = frames
 
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
                         help="also time encode_audio / decode_codes on N clips (see above)")
     parser.add_argument("--end-to-end-seconds", type=float, nargs=2, default=[1.0, 20.0], metavar=("MIN", "MAX"))
+    parser.add_argument("--end-to-end-repeats", type=int, default=1, metavar="R",
+                        help="end-to-end runs, each after a timing of the step alone (default: %(default)s)")
     args = parser.parse_args(argv)
 
     gpu = args.device == "gpu"
@@ -317,13 +321,15 @@ def run_end_to_end(model: Xcodec2Model, step: JaxRunner, args: argparse.Namespac
                 step_rates[kind].append(step.engine.batch * step.frames / model.config.frame_rate
                                         / _timed(lambda k=kind: step.run(k)))
 
-    time_step_alone()
-    begin = time.perf_counter()
-    codes = model.encode_audio(clips, settings=settings)
-    encode_wall = time.perf_counter() - begin
-    begin = time.perf_counter()
-    model.decode_codes(codes, settings=settings)
-    decode_wall = time.perf_counter() - begin
+    walls = {kind: [] for kind in step_rates}
+    for _ in range(args.end_to_end_repeats):
+        time_step_alone()
+        begin = time.perf_counter()
+        codes = model.encode_audio(clips, settings=settings)
+        walls["encode"].append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        model.decode_codes(codes, settings=settings)
+        walls["decode"].append(time.perf_counter() - begin)
     time_step_alone()
     back_to_back = time_same_steps(engine, calls)
 
@@ -331,19 +337,21 @@ def run_end_to_end(model: Xcodec2Model, step: JaxRunner, args: argparse.Namespac
     print(f"\n| direction | path | audio s / s | vs the step alone ({step.engine.batch} x "
           f"{step.frames / model.config.frame_rate:g} s, no padding) | computed / audio s |")
     print("|---|---|---|---|---|")
-    for kind, wall, counters in (("encode", encode_wall, engine.stats.encode),
-                                 ("decode", decode_wall, engine.stats.decode)):
-        alone = statistics.mean(step_rates[kind])
-        audio_seconds = counters.audio_seconds
+    runs = args.end_to_end_repeats
+    for kind, counters in (("encode", engine.stats.encode), ("decode", engine.stats.decode)):
+        alone, wall = statistics.mean(step_rates[kind]), statistics.median(walls[kind])
+        audio_seconds, steps = counters.audio_seconds / runs, counters.steps // runs  # the counters add up the runs
         rows.append({"direction": kind, "step_alone_audio_s_per_s": alone, "audio_s_per_s": audio_seconds / wall,
-                     "wall_s": wall, "audio_seconds": audio_seconds, "computed_seconds": counters.computed_seconds})
+                     "wall_s": wall, "walls_s": walls[kind], "audio_seconds": audio_seconds,
+                     "computed_seconds": counters.computed_seconds / runs})
         print(f"| {kind} | step alone (mean of {len(step_rates[kind])}: {min(step_rates[kind]):.2f}-"
               f"{max(step_rates[kind]):.2f}) | {alone:.2f} | 1 | 1 |")
         rows[-1]["same_steps_back_to_back_s"] = back_to_back[kind]
-        print(f"| {kind} | the run's {counters.steps} steps back to back, inputs ready ({back_to_back[kind]:.1f} s) | "
+        print(f"| {kind} | the run's {steps} steps back to back, inputs ready ({back_to_back[kind]:.1f} s) | "
               f"{audio_seconds / back_to_back[kind]:.2f} | {audio_seconds / back_to_back[kind] / alone:.0%} | "
               f"{counters.computed_per_audio_second:.3f} |")
-        print(f"| {kind} | {'encode_audio' if kind == 'encode' else 'decode_codes'} ({wall:.1f} s) | "
+        print(f"| {kind} | {'encode_audio' if kind == 'encode' else 'decode_codes'} (median of "
+              f"{', '.join(f'{w:.1f}' for w in walls[kind])} s) | "
               f"{audio_seconds / wall:.2f} | **{audio_seconds / wall / alone:.0%}** "
               f"({back_to_back[kind] / wall:.0%} of the same steps back to back) | "
               f"{counters.computed_per_audio_second:.3f} |")

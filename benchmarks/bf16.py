@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     # One sample short of the bucket (the extractor appends one valid sample): the step bench_inference.py
     # compiles for a batch x seconds of audio, so the two share the persistent compilation cache.
     clips = [speech_clip(args.seconds, seed=i)[:-1] for i in range(args.clips)]
-    settings = EngineSettings(batch_size=args.clips, bucket_seconds=(args.seconds,))
+    settings = EngineSettings(batch_size=args.clips, bucket_seconds=(args.seconds,), full_batch_seconds=None)
     device = jax.devices()[0].device_kind + (f", {args.emulate} precision emulated" if args.emulate else "")
     print(f"JAX {jax.__version__} on {device}; {args.clips} clips x {args.seconds:g} s", flush=True)
     rows = []

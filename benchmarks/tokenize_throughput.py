@@ -74,7 +74,7 @@ def step_seconds(engine: Engine, frames: int, repeats: int) -> float:
     """Median wall time of the compiled encode step on a full batch of speech at bucket ``frames``."""
     hop, rate = engine.config.hop_length, engine.config.sampling_rate
     rows = []
-    for i in range(engine.batch):
+    for i in range(engine.batch_for(frames)):
         audio = speech_clip(frames * hop / rate, sampling_rate=rate, seed=1000 + i)
         rows.append((audio,) if engine.extractor is None else (audio, engine.extractor.item_features(audio)))
     step = engine.compiled("encode", frames)
@@ -130,10 +130,10 @@ def main() -> None:
         buckets = []
         for frames, bucket_audio in sorted(audio_per_bucket.items()):
             seconds = step_seconds(engine, frames, args.repeats)
-            rate = engine.batch * frames / model.config.frame_rate / seconds
+            rate = engine.batch_for(frames) * frames / model.config.frame_rate / seconds
             buckets.append({"bucket_s": frames / model.config.frame_rate, "audio_s": bucket_audio,
                             "step_s": seconds, "step_rate_x": rate})
-            print(f"  step at {frames / model.config.frame_rate:g} s x {engine.batch}: {seconds:.2f} s "
+            print(f"  step at {frames / model.config.frame_rate:g} s x {engine.batch_for(frames)}: {seconds:.2f} s "
                   f"= {rate:.3f}x real time ({bucket_audio:.0f} s of the corpus)", flush=True)
         steps: collections.Counter[int] = collections.Counter()  # the engine fetches its compiled step per step
         compiled = engine.compiled

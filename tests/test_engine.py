@@ -20,10 +20,20 @@ from flax import nnx
 
 from convert.kaldi_reference import reference_feature_extractor
 from convert.speech import speech_clip
-from xcodec2_jax.engine import EngineSettings, Window, _Pool, _Segment, decode_latents, encode_arrays, plan_windows
+from xcodec2_jax.config import Xcodec2Config
+from xcodec2_jax.engine import (
+    Engine,
+    EngineSettings,
+    Window,
+    _Pool,
+    _Segment,
+    decode_latents,
+    encode_arrays,
+    plan_windows,
+)
 
 # One bucket of 8 s: the 4 clips below share one compilation.
-EIGHT_SECONDS = EngineSettings(batch_size=4, bucket_seconds=(8.0,), window_seconds=8.0)
+EIGHT_SECONDS = EngineSettings(batch_size=4, full_batch_seconds=None, bucket_seconds=(8.0,), window_seconds=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +72,20 @@ def test_compilations_bounded_by_buckets(reference):
     settings = EngineSettings(batch_size=8, bucket_seconds=(2.5, 5.0, 10.0), window_seconds=10.0)
     codes = reference.model.encode_audio(clips, settings=settings)
     engine = reference.model.engine(settings)
-    steps = {key for key in engine.device.compile_seconds if key[1] == 8}
+    shapes = {(engine.batch_for(b), b) for b in engine.buckets}
+    assert shapes == {(8, 125), (8, 250), (4, 500)}  # 6 s of frames per item and step
+    steps = {key for key in engine.device.compile_seconds if key[0] == "encode" and key[1:] in shapes}
     assert len(steps) <= len(engine.buckets) == 3
     assert [c.size for c in codes] == [(clip.size + 1) // 320 for clip in clips]
     stats = engine.stats.encode
     assert stats.items == 50 and stats.audio_seconds == pytest.approx(sum(c.size for c in clips) / 16000)
-    assert stats.computed_seconds >= stats.audio_seconds and stats.steps == 7  # 50 clips, batch 8
+    # All 50 fit in the pool, so it drains longest first: each step takes its bucket's batch from the top.
+    left, want_steps, want_seconds = sorted(engine.config.padded_frames(c.size) for c in clips), 0, 0.0
+    while left:
+        bucket = engine.bucket_for(left[-1])
+        del left[-engine.batch_for(bucket):]
+        want_steps, want_seconds = want_steps + 1, want_seconds + engine.batch_for(bucket) * bucket / 50
+    assert stats.steps == want_steps and stats.computed_seconds == pytest.approx(want_seconds)
 
 
 def test_plan_windows_partition_and_context():
@@ -183,15 +201,59 @@ def test_length_aware_batches():
         return [_Segment(i, 0, Window(0, n, 0, n), ()) for i, n in enumerate(lengths)]
 
     buckets = (100, 200, 400)
-    pool = _Pool(lambda f: next(b for b in buckets if b >= f))
+    pool = _Pool(lambda f: next(b for b in buckets if b >= f), lambda bucket: 3)
     for s in segments([390, 95, 180, 99, 185, 98, 96, 380]):
         pool.add(s)
-    taken, frames = pool.take(3, drain=False)  # the tightest run of 3: the ~100-frame items
+    taken, frames = pool.take(drain=False)  # the tightest run of 3: the ~100-frame items
     assert [s.window.frames for s in taken] == [96, 98, 99] and frames == 100
-    taken, frames = pool.take(3, drain=True)  # draining: longest first
+    taken, frames = pool.take(drain=True)  # draining: longest first
     assert [s.window.frames for s in taken] == [185, 380, 390] and frames == 400
-    assert [s.window.frames for s in pool.take(3, drain=True)[0]] == [95, 180]
-    assert pool.take(3, drain=True) == ([], 0)
+    assert [s.window.frames for s in pool.take(drain=True)[0]] == [95, 180]
+    assert pool.take(drain=True) == ([], 0)
+
+
+def test_fewer_items_at_long_buckets():
+    """Batches of fewer items at longer buckets: each run costs its bucket's whole batch (dummy rows included)
+    per valid frame, so a long item can go alone while a short one waits for neighbours."""
+    def segments(lengths):
+        return [_Segment(i, 0, Window(0, n, 0, n), ()) for i, n in enumerate(lengths)]
+
+    buckets = (100, 200, 400)
+    batch = {100: 4, 200: 2, 400: 1}
+    pool = _Pool(lambda f: next(b for b in buckets if b >= f), batch.__getitem__)
+    for s in segments([390, 95, 180, 99, 185, 98, 96, 380]):
+        pool.add(s)
+    taken, frames = pool.take(drain=False)  # 400 computed frames for 390 valid: the least waste
+    assert [s.window.frames for s in taken] == [390] and frames == 400
+    taken, frames = pool.take(drain=False)  # 400 for 388
+    assert [s.window.frames for s in taken] == [95, 96, 98, 99] and frames == 100
+    assert [s.window.frames for s in pool.take(drain=True)[0]] == [380]
+    taken, frames = pool.take(drain=True)
+    assert [s.window.frames for s in taken] == [180, 185] and frames == 200
+    assert pool.take(drain=False) == ([], 0)
+
+    pool.add(segments([120])[0])  # alone in its bucket of 2 rows: 400 computed frames for 120
+    pool.add(segments([390])[0])
+    assert [s.window.frames for s in pool.take(drain=False)[0]] == [390]
+
+
+@pytest.mark.parametrize(("devices", "batch_size", "full", "want"), [
+    (1, 8, 6.0, {50: 8, 300: 8, 310: 4, 400: 4, 1000: 2, 1500: 1}),  # powers of two within 8 x 6 s of audio
+    (1, 8, None, {50: 8, 300: 8, 310: 8, 400: 8, 1000: 8, 1500: 8}),
+    (2, 16, 6.0, {50: 16, 300: 16, 310: 8, 400: 8, 1000: 4, 1500: 2}),  # per device: 8, 4, 4, 2, 1
+    (4, 6, 6.0, {50: 8, 300: 8, 310: 4, 400: 4, 1000: 4, 1500: 4}),  # 6 -> 8 (4 devices), at least one each
+    (2, 8, 2.0, {50: 8, 300: 2, 310: 2, 400: 2, 1000: 2, 1500: 2}),
+])
+def test_batch_per_bucket(devices, batch_size, full, want):
+    class Mesh:
+        size = devices
+
+    class Device:
+        config, mesh, platform = Xcodec2Config(), Mesh(), "cpu"  # the full-size config: 50 frames per second
+
+    settings = EngineSettings(batch_size=batch_size, full_batch_seconds=full, bucket_seconds=(1.0, 6.0, 6.2, 8.0, 20.0))
+    engine = Engine(Device(), settings)
+    assert {b: engine.batch_for(b) for b in engine.buckets} == want
 
 
 def test_lengths_are_checked(reference):

@@ -25,7 +25,7 @@ from xcodec2_jax.nn.decoder import KeyValues
 from xcodec2_jax.streaming import DEFAULT_SETTINGS, BatchedStreamingDecoder, StreamingDecoder, num_compilations
 
 # The engine tests' 8 s bucket (tests/test_engine.py): encoding and the full decode share its compilations.
-EIGHT_SECONDS = EngineSettings(batch_size=4, bucket_seconds=(8.0,), window_seconds=8.0)
+EIGHT_SECONDS = EngineSettings(batch_size=4, full_batch_seconds=None, bucket_seconds=(8.0,), window_seconds=8.0)
 # Small windows for the tests that are about bookkeeping rather than quality: they compile in a second.
 SMALL = {"chunk_frames": 6, "left_context_frames": 5, "lookahead_frames": 3}
 

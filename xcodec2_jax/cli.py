@@ -86,8 +86,10 @@ def load_model(args: argparse.Namespace) -> Xcodec2Model:
 
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
-    """Engine settings from ``--batch-size`` and ``--buckets`` (the other knobs keep their defaults)."""
-    return EngineSettings(batch_size=args.batch_size, bucket_seconds=tuple(args.buckets))
+    """Engine settings from ``--batch-size``, ``--full-batch-seconds`` and ``--buckets`` (the other knobs keep
+    their defaults)."""
+    return EngineSettings(batch_size=args.batch_size, full_batch_seconds=args.full_batch_seconds,
+                          bucket_seconds=tuple(args.buckets))
 
 
 def _show_progress(args: argparse.Namespace, count: int) -> bool:
@@ -265,9 +267,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
     """``tokenize``: 0 when done, 1 when every input was bad."""
     summary = tokenize_corpus(
         args.inputs[0] if len(args.inputs) == 1 else args.inputs, args.output, model=args.model,
-        revision=args.revision, dtype=args.dtype, batch_size=args.batch_size, buckets=args.buckets,
-        shard_size=args.shard_size, workers=args.workers, process_index=args.process_index,
-        process_count=args.process_count, split=args.split, audio_column=args.audio_column,
+        revision=args.revision, dtype=args.dtype, batch_size=args.batch_size,
+        full_batch_seconds=args.full_batch_seconds, buckets=args.buckets, shard_size=args.shard_size,
+        workers=args.workers, process_index=args.process_index, process_count=args.process_count,
+        split=args.split, audio_column=args.audio_column,
         streaming=args.streaming, keep_columns=args.keep_columns, output_format=args.format, retries=args.retries,
         retry_errors=args.retry_errors, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary)
@@ -279,7 +282,8 @@ def run_tokenize(args: argparse.Namespace) -> int:
 def run_detokenize(args: argparse.Namespace) -> int:
     """``detokenize``: shards of code rows -> ``WAV_DIR/<id>.wav``."""
     paths = detokenize_corpus(args.codes_dir, args.output, model=args.model, revision=args.revision,
-                              dtype=args.dtype, ids=args.ids, batch_size=args.batch_size, buckets=args.buckets,
+                              dtype=args.dtype, ids=args.ids, batch_size=args.batch_size,
+                              full_batch_seconds=args.full_batch_seconds, buckets=args.buckets,
                               progress=not args.no_progress)
     print(f"wrote {len(paths)} WAV file(s) under {args.output}")
     return 0
@@ -293,6 +297,18 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 or 'none', got {text!r}")
     return value
 
 
@@ -323,7 +339,13 @@ def _common_options(base: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="compute dtype (default: %(default)s); bfloat16 is faster on accelerators, and its "
                             "codes may differ from float32 ones")
     group.add_argument("--batch-size", type=_positive_int, default=EngineSettings.batch_size, metavar="N",
-                       help="clips per device step (default: %(default)s)")
+                       help="clips per device step (default: %(default)s); fewer at buckets longer than "
+                            "--full-batch-seconds")
+    group.add_argument("--full-batch-seconds", type=_seconds_or_none, default=EngineSettings.full_batch_seconds,
+                       metavar="SECONDS",
+                       help="buckets up to this length take --batch-size clips, longer ones fewer, so that no "
+                            "step computes much more than batch size x this many seconds (default: "
+                            "%(default)s); 'none': --batch-size clips at every bucket")
     group.add_argument("--buckets", type=float, nargs="+", metavar="SECONDS", default=EngineSettings.bucket_seconds,
                        help="padded lengths, each compiled once (default: "
                             f"{' '.join(f'{b:g}' for b in EngineSettings.bucket_seconds)}); a few coarse buckets "

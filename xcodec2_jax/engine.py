@@ -16,8 +16,10 @@ How it works
   alone with Transformers.
 * **Length-aware batching**: prepared items wait in a pool sorted by length (up to ``pool_batches``
   batches); each step takes the run of neighbouring lengths that wastes the least padding, padded to the
-  smallest bucket that holds its longest item, so computed seconds stay close to audio seconds. Batches
-  have a fixed size (a multiple of the device count), topped up with dummy items only at the very end.
+  smallest bucket that holds its longest item, so computed seconds stay close to audio seconds. Each bucket
+  has one batch size (a multiple of the device count): ``batch_size`` up to ``full_batch_seconds``, fewer
+  items (powers of two per device) at longer buckets, so that no step computes more audio than a full one;
+  batches are topped up with dummy items only at the very end.
 * **Pipelined steps**: the host packs and transfers batch N+1 while the devices run batch N; results come
   back with ``copy_to_host_async`` and are read one step later, so the host never waits between steps.
   Features (on the host) or audio loading run in ``workers`` threads ahead of both.
@@ -241,10 +243,18 @@ class EngineSettings:
     """Batching and windowing knobs.
 
     Attributes:
-        batch_size: items per device step (rounded up to a multiple of the device count).
-        bucket_seconds: padded lengths; each bucket compiles once per direction (the persistent compilation
-            cache keeps them across processes). The window length is always a bucket. The default steps are
-            ~10% apart, so padding to a bucket costs ~5% on average.
+        batch_size: items per device step (rounded up to a multiple of the device count) at buckets up to
+            ``full_batch_seconds``.
+        full_batch_seconds: longer buckets take fewer items: per device, the largest power of two (at least
+            one) whose step computes no more than ``batch_size * full_batch_seconds`` seconds of audio; with the
+            defaults 8 items up to 6 s, 4 up to 12 s, 2 up to 24 s, 1 beyond. So a few long clips are not
+            batched (and padded) with many shorter ones, and a long step needs no more memory than a full one;
+            powers of two because odd batches ran 10-25% slower per audio second on XLA:CPU. None:
+            ``batch_size`` items at every bucket.
+        bucket_seconds: padded lengths; each bucket compiles once per direction, with its one batch size (the
+            persistent compilation cache keeps them across processes). The window length is always a bucket.
+            The default steps are 0.5 s up to 12 s and 1 s beyond (4% to 8% apart), so padding to a bucket
+            costs ~3% on average.
         window_seconds: longer inputs are processed in overlapping windows of this length.
         overlap_seconds: overlap between consecutive windows (codes and audio are cut at its middle); > 0.
         crossfade_seconds: linear cross-fade around each cut when decoding long code streams; at most the
@@ -257,8 +267,8 @@ class EngineSettings:
     """
 
     batch_size: int = 8
-    bucket_seconds: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0,
-                                         13.5, 15.0, 16.5, 18.0, 20.0, 22.0, 24.0, 26.0, 28.0, 30.0)
+    full_batch_seconds: float | None = 6.0
+    bucket_seconds: tuple[float, ...] = (*(0.5 * n for n in range(2, 25)), *map(float, range(13, 31)))
     window_seconds: float = 30.0
     overlap_seconds: float = 4.0
     crossfade_seconds: float = 0.08
@@ -269,6 +279,8 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
+        if self.full_batch_seconds is not None and self.full_batch_seconds <= 0:
+            raise ConfigError(f"full_batch_seconds={self.full_batch_seconds} must be positive (or None)")
         if not self.bucket_seconds or min(self.bucket_seconds) <= 0:
             raise ConfigError(f"bucket_seconds={self.bucket_seconds} must be positive")
         if not 0 < self.overlap_seconds < self.window_seconds:
@@ -363,8 +375,8 @@ class _Pending:
 class _Pool:
     """Prepared segments sorted by length; hands out the batches that waste the least padding."""
 
-    def __init__(self, bucket_for: Callable[[int], int]):
-        self.bucket_for = bucket_for
+    def __init__(self, bucket_for: Callable[[int], int], batch_for: Callable[[int], int]):
+        self.bucket_for, self.batch_for = bucket_for, batch_for
         self.entries: list[tuple[int, int, _Segment]] = []  # (frames, arrival, segment), sorted
         self.arrivals = itertools.count()
 
@@ -374,25 +386,28 @@ class _Pool:
     def add(self, segment: _Segment) -> None:
         bisect.insort(self.entries, (segment.window.frames, next(self.arrivals), segment), key=lambda e: e[:2])
 
-    def take(self, batch: int, drain: bool) -> tuple[list[_Segment], int]:
-        """Up to ``batch`` segments of neighbouring lengths and their bucket; ([], 0) when empty.
+    def take(self, drain: bool) -> tuple[list[_Segment], int]:
+        """Up to ``batch_for(bucket)`` segments of neighbouring lengths and their bucket; ([], 0) when empty.
 
-        While inputs keep coming, the run of ``batch`` neighbours with the least padding per valid frame;
-        at the end (``drain``), the longest first, so that only the last, shortest batch has dummy rows.
+        While inputs keep coming, the run with the least computed frames (its bucket's batch, dummy rows
+        included) per valid frame; at the end (``drain``), the longest first, so that only the last, shortest
+        batch has dummy rows.
         """
         if not self.entries:
             return [], 0
-        count = min(batch, len(self.entries))
+        frames = np.array([e[0] for e in self.entries])
+        buckets = np.array([self.bucket_for(f) for f in frames])  # of the run ending at each entry
+        rows = np.array([self.batch_for(b) for b in buckets])
+        ends = np.arange(1, frames.size + 1)
+        counts = np.minimum(rows, ends)
         if drain:
-            start = len(self.entries) - count
+            end = frames.size
         else:
-            frames = np.array([e[0] for e in self.entries])
-            sums = np.convolve(frames, np.ones(count, int), "valid")  # valid frames of each run
-            buckets = np.array([self.bucket_for(f) for f in frames[count - 1 :]])  # each run's longest
-            start = int(np.argmin(buckets * batch / sums))
-        run = self.entries[start : start + count]
-        del self.entries[start : start + count]
-        return [e[2] for e in run], self.bucket_for(run[-1][0])
+            valid = np.concatenate([[0], np.cumsum(frames)])
+            end = int(np.argmin(rows * buckets / (valid[ends] - valid[ends - counts]))) + 1
+        run = self.entries[end - counts[end - 1] : end]
+        del self.entries[end - counts[end - 1] : end]
+        return [e[2] for e in run], int(buckets[end - 1])
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -418,6 +433,10 @@ class Engine:
         self.fade_samples = int(self.settings.crossfade_seconds * self.config.output_rate)
         self.buckets = tuple(sorted({min(round(s * rate), self.window_frames) for s in self.settings.bucket_seconds}
                                     | {self.window_frames}))
+        full = self.window_frames if self.settings.full_batch_seconds is None else \
+            round(self.settings.full_batch_seconds * rate)
+        fits = {b: max(1, self.batch // count * full // b) for b in self.buckets}  # items per device
+        self.batches = {b: self.batch if b <= full else 2 ** (fits[b].bit_length() - 1) * count for b in self.buckets}
         self.device_features = self._device_features(self.settings.device_features)
         self.extractor = None if self.device_features else Xcodec2FeatureExtractor.from_config(self.config)
         self.kinds = {"encode": "encode_fbank" if self.device_features else "encode", "decode": "decode"}
@@ -428,7 +447,7 @@ class Engine:
         """The compiled step for ``direction`` ("encode"/"decode") at bucket ``frames`` (shared by all engines
         of the model). Call it as ``compiled(engine.device.state, *engine.device_batch(direction, rows, frames))``.
         """
-        return self.device.step(self.kinds[direction], self.batch, frames)
+        return self.device.step(self.kinds[direction], self.batches[frames], frames)
 
     @property
     def num_compilations(self) -> int:
@@ -449,9 +468,13 @@ class Engine:
         """Smallest bucket (in frames) holding ``frames``."""
         return self.buckets[bisect.bisect_left(self.buckets, frames)]
 
+    def batch_for(self, bucket: int) -> int:
+        """Items per step at ``bucket`` frames (see ``EngineSettings.full_batch_seconds``)."""
+        return self.batches[bucket]
+
     # ------------------------------------------------------------------------------------ batch packing
     def device_batch(self, direction: str, rows: list[tuple[np.ndarray, ...]], frames: int) -> list[jax.Array]:
-        """Pack up to ``batch`` rows into one padded step at bucket ``frames``, on the devices.
+        """Pack up to ``batch_for(frames)`` rows into one padded step at bucket ``frames``, on the devices.
 
         Encode rows are (waveform (f * hop,),) with features on the device, (waveform, features (f, 160))
         with features on the host; decode rows are (codes (f,),). Missing rows are dummy items (full-length
@@ -461,7 +484,7 @@ class Engine:
         return [self.device.put(a) for a in pack(rows, frames)]
 
     def _pack_encode(self, rows: list[tuple[np.ndarray, ...]], frames: int) -> tuple[np.ndarray, ...]:
-        hop, n = self.config.hop_length, self.batch
+        hop, n = self.config.hop_length, self.batches[frames]
         waveform = np.zeros((n, 1, frames * hop), np.float32)
         lengths = np.full((n,), frames * hop, np.int32)  # dummy rows: full-length silence
         for row, (wave, *_) in enumerate(rows):
@@ -477,8 +500,8 @@ class Engine:
         return waveform, features, lengths, mask
 
     def _pack_decode(self, rows: list[tuple[np.ndarray, ...]], frames: int) -> tuple[np.ndarray, ...]:
-        codes = np.zeros((self.batch, frames), np.int32)
-        lengths = np.full((self.batch,), frames, np.int32)
+        codes = np.zeros((self.batches[frames], frames), np.int32)
+        lengths = np.full((self.batches[frames],), frames, np.int32)
         for row, (item_codes,) in enumerate(rows):
             codes[row, : item_codes.size] = item_codes
             lengths[row] = item_codes.size
@@ -535,7 +558,7 @@ class Engine:
                 stitch: Callable[[_Pending], np.ndarray], threaded: bool) -> Iterator[tuple[Any, np.ndarray]]:
         """Pool prepared segments, run them in length-aware batches, pipelined; yield (key, result) as items
         complete."""
-        pool, pending = _Pool(self.bucket_for), {}
+        pool, pending = _Pool(self.bucket_for, self.batch_for), {}
         limit = self.settings.pool_batches * self.batch
         prepared = _prefetch(itertools.starmap(lambda i, kv: (i, *kv), enumerate(items)), prepare,
                              self.settings.workers if threaded else 0, lookahead=max(2 * self.batch, limit // 4))
@@ -551,7 +574,7 @@ class Engine:
                 pending[item] = entry
                 for segment in segments:
                     pool.add(segment)
-            segments, frames = pool.take(self.batch, drain=exhausted)
+            segments, frames = pool.take(drain=exhausted)
             if segments:
                 in_flight.append(self._dispatch(direction, segments, frames))
             if len(in_flight) > (MAX_IN_FLIGHT - 1 if segments else 0):
@@ -566,7 +589,7 @@ class Engine:
         output.copy_to_host_async()
         counters = getattr(self.stats, direction)
         counters.steps += 1
-        counters.computed_seconds += self.batch * frames / self.config.frame_rate
+        counters.computed_seconds += self.batches[frames] * frames / self.config.frame_rate
         return segments, output
 
     def _collect(self, direction: str, segments: list[_Segment], output: jax.Array, pending: dict[int, _Pending],

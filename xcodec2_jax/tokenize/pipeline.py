@@ -142,6 +142,7 @@ class TokenizeSummary:
 # ------------------------------------------------------------------------------------------ tokenize
 def tokenize_corpus(inputs: Any, out_dir: str | Path, *, model: str | Path | Xcodec2Model = DEFAULT_REPO_ID,
                     revision: str | None = None, dtype: Any = None, batch_size: int = EngineSettings.batch_size,
+                    full_batch_seconds: float | None = EngineSettings.full_batch_seconds,
                     buckets: Sequence[float] = EngineSettings.bucket_seconds, shard_size: int = DEFAULT_SHARD_SIZE,
                     workers: int = DEFAULT_WORKERS, process_index: int | None = None,
                     process_count: int | None = None, split: str | None = None, audio_column: str = "audio",
@@ -158,7 +159,8 @@ def tokenize_corpus(inputs: Any, out_dir: str | Path, *, model: str | Path | Xco
         model: a Hub repo id, a local checkpoint folder, or a loaded :class:`Xcodec2Model`.
         revision: Hub branch, tag or commit.
         dtype: ``"float32"`` (default) or ``"bfloat16"``; for a loaded model, its own (or the same) dtype.
-        batch_size: clips per device step per process.
+        batch_size: clips per device step per process (at buckets up to ``full_batch_seconds``).
+        full_batch_seconds: longer buckets take fewer clips (see :class:`~xcodec2_jax.engine.EngineSettings`).
         buckets: padded lengths in seconds; each compiles once. They do not change the codes.
         shard_size: rows per shard, also the unit of work a crash can lose.
         workers: threads decoding and resampling files (and computing features) ahead of the device.
@@ -187,7 +189,8 @@ def tokenize_corpus(inputs: Any, out_dir: str | Path, *, model: str | Path | Xco
                                 ">= 0")
         keep_columns = tuple(keep_columns)
         check_columns(keep_columns)
-        settings = EngineSettings(batch_size=batch_size, bucket_seconds=tuple(buckets), workers=workers)
+        settings = EngineSettings(batch_size=batch_size, full_batch_seconds=full_batch_seconds,
+                                  bucket_seconds=tuple(buckets), workers=workers)
         corpus = open_corpus(inputs, split=split, audio_column=audio_column, streaming=streaming,
                              columns=keep_columns)
         if corpus.size == 0:
@@ -398,7 +401,8 @@ def _manifest(loaded: LoadedModel, settings: EngineSettings, corpus: Corpus, sha
         "versions": {"xcodec2_jax": __version__, "flax": flax.__version__, "numpy": np.__version__,
                      "pyarrow": pa.__version__},
         "input": corpus.description,
-        "settings": {"batch_size": settings.batch_size, "bucket_seconds": list(settings.bucket_seconds),
+        "settings": {"batch_size": settings.batch_size, "full_batch_seconds": settings.full_batch_seconds,
+                     "bucket_seconds": list(settings.bucket_seconds),
                      "shard_size": shard_size, "workers": settings.workers, "process_count": process_count},
     }
     return json.loads(json.dumps(manifest))
@@ -453,6 +457,7 @@ def detokenize_corpus(out_dir: str | Path, wav_dir: str | Path, *,
                       model: str | Path | Xcodec2Model = DEFAULT_REPO_ID, revision: str | None = None,
                       dtype: Any = None, ids: Sequence[str] | None = None,
                       batch_size: int = EngineSettings.batch_size,
+                      full_batch_seconds: float | None = EngineSettings.full_batch_seconds,
                       buckets: Sequence[float] = EngineSettings.bucket_seconds, progress: bool = True) -> list[Path]:
     """Decode the rows of ``out_dir`` (all, or those of ``ids``) to 16 kHz PCM-16 WAVs under ``wav_dir``.
 
@@ -476,7 +481,8 @@ def detokenize_corpus(out_dir: str | Path, wav_dir: str | Path, *,
     made_by = json.loads(manifest_path.read_text("utf-8")).get("fingerprint") if manifest_path.exists() else None
     check_same_model(loaded, made_by, manifest_path)
     codec = loaded.model
-    settings = EngineSettings(batch_size=batch_size, bucket_seconds=tuple(buckets))
+    settings = EngineSettings(batch_size=batch_size, full_batch_seconds=full_batch_seconds,
+                              bucket_seconds=tuple(buckets))
     chunk = 16 * settings.batch_size  # bounds the audio held in memory
     schema = row_schema(out.columns())
     written = []
