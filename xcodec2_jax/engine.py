@@ -248,7 +248,7 @@ class EngineSettings:
         full_batch_seconds: longer buckets take fewer items: per device, the largest power of two (at least
             one) whose step computes no more than ``batch_size * full_batch_seconds`` seconds of audio; with the
             defaults 8 items up to 6 s, 4 up to 12 s, 2 up to 24 s, 1 beyond. So a few long clips are not
-            batched (and padded) with many shorter ones, and a long step needs no more memory than a full one;
+            batched (and padded) with many shorter ones, and a long step holds no more audio than a full one;
             powers of two because odd batches ran 10-25% slower per audio second on XLA:CPU. None:
             ``batch_size`` items at every bucket.
         bucket_seconds: padded lengths; each bucket compiles once per direction, with its one batch size (the
