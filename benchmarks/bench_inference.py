@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
                         help="also time encode_audio / decode_codes on N clips (see above)")
     parser.add_argument("--end-to-end-seconds", type=float, nargs=2, default=[1.0, 20.0], metavar=("MIN", "MAX"))
-    parser.add_argument("--end-to-end-repeats", type=int, default=1, metavar="R",
+    parser.add_argument("--end-to-end-repeats", type=lambda t: max(1, int(t)), default=1, metavar="R",
                         help="end-to-end runs, each after a timing of the step alone (default: %(default)s)")
     args = parser.parse_args(argv)
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     long = np.concatenate(clips)[: int(args.seconds * 16000)]
     if not args.skip_match:
         model = Xcodec2Model.from_pretrained(checkpoint)
-        windowed = EngineSettings(batch_size=4)
+        windowed = EngineSettings(batch_size=4, full_batch_seconds=None)  # the 30 s windows 4 to a step
         whole = EngineSettings(batch_size=1, bucket_seconds=(args.seconds + 1,), window_seconds=args.seconds + 1)
         begin = time.perf_counter()
         codes = model.encode_audio(long, settings=windowed)[0]

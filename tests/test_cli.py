@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from convert.speech import speech_clip
 from xcodec2_jax import Xcodec2FeatureExtractor, Xcodec2Model
-from xcodec2_jax.cli import build_parser, main
+from xcodec2_jax.cli import build_parser, engine_settings, main
 from xcodec2_jax.engine import EngineSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +202,19 @@ def test_usage_errors_exit_2_before_loading_anything(tmp_path, capsys):
         main(["encode", "x.wav", "-o", "out", "--batch-size", "0"])
     assert exit_info.value.code == 2
     assert "--batch-size: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    for bad in ("0", "inf", "nan", "six"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["encode", "x.wav", "-o", "out", "--full-batch-seconds", bad])
+        assert exit_info.value.code == 2
+        assert f"must be a finite number of seconds > 0 or 'none', got '{bad}'" in capsys.readouterr().err
+
+
+def test_full_batch_seconds_reaches_the_engine_settings():
+    parse = build_parser().parse_args
+    assert engine_settings(parse(["encode", "x.wav", "-o", "o"])).full_batch_seconds == 6.0
+    assert engine_settings(parse(["encode", "x.wav", "-o", "o", "--full-batch-seconds", "None"])).full_batch_seconds \
+        is None
+    assert parse(["tokenize", "a.tar", "-o", "o", "--full-batch-seconds", "12.5"]).full_batch_seconds == 12.5
 
 
 def test_tokenize_commands_parse_their_options(capsys):

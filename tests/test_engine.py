@@ -31,6 +31,7 @@ from xcodec2_jax.engine import (
     encode_arrays,
     plan_windows,
 )
+from xcodec2_jax.errors import ConfigError
 
 # One bucket of 8 s: the 4 clips below share one compilation.
 EIGHT_SECONDS = EngineSettings(batch_size=4, full_batch_seconds=None, bucket_seconds=(8.0,), window_seconds=8.0)
@@ -138,8 +139,11 @@ def test_windows_stitch_back_to_the_signal(reference):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"overlap_seconds": 0.0}, r"overlap_seconds=0.0 must be in \(0, window_seconds=30.0\)"),
     ({"overlap_seconds": 1.0, "crossfade_seconds": 1.5}, r"crossfade_seconds=1.5 must be in \[0, overlap_seconds"),
+    ({"full_batch_seconds": 0.0}, r"full_batch_seconds=0.0 must be positive and finite"),
+    ({"full_batch_seconds": float("inf")}, r"full_batch_seconds=inf must be positive and finite"),
+    ({"full_batch_seconds": float("nan")}, r"full_batch_seconds=nan must be positive and finite"),
 ])
-def test_settings_reject_a_crossfade_longer_than_the_overlap(kwargs, message):
+def test_settings_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineSettings(**kwargs)
 
@@ -213,8 +217,8 @@ def test_length_aware_batches():
 
 
 def test_fewer_items_at_long_buckets():
-    """Batches of fewer items at longer buckets: each run costs its bucket's whole batch (dummy rows included)
-    per valid frame, so a long item can go alone while a short one waits for neighbours."""
+    """Batches of fewer items at longer buckets: each run costs its bucket's whole batch per valid frame, so a
+    long item can go alone while a short one waits for neighbours; runs with dummy rows wait for the end."""
     def segments(lengths):
         return [_Segment(i, 0, Window(0, n, 0, n), ()) for i, n in enumerate(lengths)]
 
@@ -232,9 +236,10 @@ def test_fewer_items_at_long_buckets():
     assert [s.window.frames for s in taken] == [180, 185] and frames == 200
     assert pool.take(drain=False) == ([], 0)
 
-    pool.add(segments([120])[0])  # alone in its bucket of 2 rows: 400 computed frames for 120
-    pool.add(segments([390])[0])
-    assert [s.window.frames for s in pool.take(drain=False)[0]] == [390]
+    for s in segments([97, 98, 99, 250]):  # 3 of a 4-row bucket: 400 computed for 294 valid, less than
+        pool.add(s)                        # 400 for 250, but with a dummy row: it waits for the end
+    assert [s.window.frames for s in pool.take(drain=False)[0]] == [250]
+    assert [s.window.frames for s in pool.take(drain=True)[0]] == [97, 98, 99]
 
 
 @pytest.mark.parametrize(("devices", "batch_size", "full", "want"), [
@@ -254,6 +259,8 @@ def test_batch_per_bucket(devices, batch_size, full, want):
     settings = EngineSettings(batch_size=batch_size, full_batch_seconds=full, bucket_seconds=(1.0, 6.0, 6.2, 8.0, 20.0))
     engine = Engine(Device(), settings)
     assert {b: engine.batch_for(b) for b in engine.buckets} == want
+    with pytest.raises(ConfigError, match=r"0.001 s rounds to 0 frames"):
+        Engine(Device(), dataclasses.replace(settings, bucket_seconds=(0.001, 1.0)))
 
 
 def test_lengths_are_checked(reference):

@@ -307,8 +307,8 @@ def _seconds_or_none(text: str) -> float | None:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 or 'none', got {text!r}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 or 'none', got {text!r}")
     return value
 
 
@@ -339,13 +339,14 @@ def _common_options(base: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="compute dtype (default: %(default)s); bfloat16 is faster on accelerators, and its "
                             "codes may differ from float32 ones")
     group.add_argument("--batch-size", type=_positive_int, default=EngineSettings.batch_size, metavar="N",
-                       help="clips per device step (default: %(default)s); fewer at buckets longer than "
-                            "--full-batch-seconds")
+                       help="clips per step, split among the devices (default: %(default)s); fewer at buckets "
+                            "longer than --full-batch-seconds")
     group.add_argument("--full-batch-seconds", type=_seconds_or_none, default=EngineSettings.full_batch_seconds,
                        metavar="SECONDS",
-                       help="buckets up to this length take --batch-size clips, longer ones fewer, so that no "
-                            "step computes much more than batch size x this many seconds (default: "
-                            "%(default)s); 'none': --batch-size clips at every bucket")
+                       help="buckets up to this length take --batch-size clips, longer ones fewer (powers of two "
+                            "per device, at least one each) within batch size x this many seconds of audio "
+                            "(default: %(default)s); 'none': --batch-size clips at every bucket, which bigger "
+                            "steps on GPU/TPU may prefer")
     group.add_argument("--buckets", type=float, nargs="+", metavar="SECONDS", default=EngineSettings.bucket_seconds,
                        help="padded lengths, each compiled once (default: "
                             f"{' '.join(f'{b:g}' for b in EngineSettings.bucket_seconds)}); a few coarse buckets "

@@ -18,8 +18,8 @@ How it works
   batches); each step takes the run of neighbouring lengths that wastes the least padding, padded to the
   smallest bucket that holds its longest item, so computed seconds stay close to audio seconds. Each bucket
   has one batch size (a multiple of the device count): ``batch_size`` up to ``full_batch_seconds``, fewer
-  items (powers of two per device) at longer buckets, so that no step computes more audio than a full one;
-  batches are topped up with dummy items only at the very end.
+  items (powers of two per device, at least one each) at longer buckets, so that a long step holds no more
+  audio than a full one; batches are topped up with dummy items only at the very end.
 * **Pipelined steps**: the host packs and transfers batch N+1 while the devices run batch N; results come
   back with ``copy_to_host_async`` and are read one step later, so the host never waits between steps.
   Features (on the host) or audio loading run in ``workers`` threads ahead of both.
@@ -243,18 +243,19 @@ class EngineSettings:
     """Batching and windowing knobs.
 
     Attributes:
-        batch_size: items per device step (rounded up to a multiple of the device count) at buckets up to
-            ``full_batch_seconds``.
-        full_batch_seconds: longer buckets take fewer items: per device, the largest power of two (at least
-            one) whose step computes no more than ``batch_size * full_batch_seconds`` seconds of audio; with the
-            defaults 8 items up to 6 s, 4 up to 12 s, 2 up to 24 s, 1 beyond. So a few long clips are not
-            batched (and padded) with many shorter ones, and a long step holds no more audio than a full one;
-            powers of two because odd batches ran 10-25% slower per audio second on XLA:CPU. None:
-            ``batch_size`` items at every bucket.
+        batch_size: items per step, split among this process's devices (rounded up to a multiple of the device
+            count), at buckets up to ``full_batch_seconds``.
+        full_batch_seconds: longer buckets take fewer items: per device, the largest power of two whose step
+            holds no more than ``batch_size * full_batch_seconds`` seconds of audio, and at least one item per
+            device; on one device with the defaults, 8 items up to 6 s, 4 up to 12 s, 2 up to 24 s, 1 beyond.
+            So a few long clips are not batched (and padded) with many shorter ones, and a long step holds no
+            more audio than a full one (unless one item per device already does); powers of two because odd
+            batches ran slower per audio second on XLA:CPU. None: ``batch_size`` items at every bucket. On
+            GPU/TPU, where bigger steps pay, raise ``batch_size`` (the budget scales with it) or use None.
         bucket_seconds: padded lengths; each bucket compiles once per direction, with its one batch size (the
             persistent compilation cache keeps them across processes). The window length is always a bucket.
-            The default steps are 0.5 s up to 12 s and 1 s beyond (4% to 8% apart), so padding to a bucket
-            costs ~3% on average.
+            The defaults are 0.5 s apart up to 12 s, then 1 s (under 9% apart from 6 s up), so padding to a
+            bucket costs ~3% of long clips.
         window_seconds: longer inputs are processed in overlapping windows of this length.
         overlap_seconds: overlap between consecutive windows (codes and audio are cut at its middle); > 0.
         crossfade_seconds: linear cross-fade around each cut when decoding long code streams; at most the
@@ -279,8 +280,8 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if self.full_batch_seconds is not None and self.full_batch_seconds <= 0:
-            raise ConfigError(f"full_batch_seconds={self.full_batch_seconds} must be positive (or None)")
+        if self.full_batch_seconds is not None and not 0 < self.full_batch_seconds < math.inf:
+            raise ConfigError(f"full_batch_seconds={self.full_batch_seconds} must be positive and finite (or None)")
         if not self.bucket_seconds or min(self.bucket_seconds) <= 0:
             raise ConfigError(f"bucket_seconds={self.bucket_seconds} must be positive")
         if not 0 < self.overlap_seconds < self.window_seconds:
@@ -389,9 +390,8 @@ class _Pool:
     def take(self, drain: bool) -> tuple[list[_Segment], int]:
         """Up to ``batch_for(bucket)`` segments of neighbouring lengths and their bucket; ([], 0) when empty.
 
-        While inputs keep coming, the run with the least computed frames (its bucket's batch, dummy rows
-        included) per valid frame; at the end (``drain``), the longest first, so that only the last, shortest
-        batch has dummy rows.
+        While inputs keep coming, the full run (its bucket's batch) with the least computed frames per valid
+        frame; at the end (``drain``), the longest first, so that only the last, shortest batch has dummy rows.
         """
         if not self.entries:
             return [], 0
@@ -404,7 +404,10 @@ class _Pool:
             end = frames.size
         else:
             valid = np.concatenate([[0], np.cumsum(frames)])
-            end = int(np.argmin(rows * buckets / (valid[ends] - valid[ends - counts]))) + 1
+            cost = rows * buckets / (valid[ends] - valid[ends - counts])
+            if (counts == rows).any():  # short runs (dummy rows) wait for the end
+                cost = np.where(counts == rows, cost, np.inf)
+            end = int(np.argmin(cost)) + 1
         run = self.entries[end - counts[end - 1] : end]
         del self.entries[end - counts[end - 1] : end]
         return [e[2] for e in run], int(buckets[end - 1])
@@ -433,6 +436,9 @@ class Engine:
         self.fade_samples = int(self.settings.crossfade_seconds * self.config.output_rate)
         self.buckets = tuple(sorted({min(round(s * rate), self.window_frames) for s in self.settings.bucket_seconds}
                                     | {self.window_frames}))
+        if self.buckets[0] < 1:
+            raise ConfigError(f"bucket_seconds={self.settings.bucket_seconds}: {min(self.settings.bucket_seconds)} s "
+                              f"rounds to 0 frames at {rate} frames per second")
         full = self.window_frames if self.settings.full_batch_seconds is None else \
             round(self.settings.full_batch_seconds * rate)
         fits = {b: max(1, self.batch // count * full // b) for b in self.buckets}  # items per device
