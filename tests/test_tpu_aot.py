@@ -48,8 +48,9 @@ def test_tiny_steps_compile_for_tpu(tmp_path):
         assert row["gb_per_audio_s"] <= bound, f"{name}: {row['gb_per_audio_s']:.3f} GB per audio second > {bound}"
 
 
-# Full size, batch 8 x 6 s per chip on v5e: measured x ~1.2 (float32, bfloat16).
-FULL_BOUNDS = {("encode", "float32"): 1.0, ("encode", "bfloat16"): 0.6, ("decode", "float32"): 0.25,
+# Full size, batch 8 x 6 s per chip on v5e: measured x ~1.2-1.3 (session 8: encode 26.98 / 22.01 GB, decode
+# 10.07 / 5.45 GB for float32 / bfloat16), except bf16 encode: 25 GB per 48 s, issue 10's acceptance line.
+FULL_BOUNDS = {("encode", "float32"): 0.67, ("encode", "bfloat16"): 25 / 48, ("decode", "float32"): 0.25,
                ("decode", "bfloat16"): 0.15}
 
 

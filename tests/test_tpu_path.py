@@ -28,6 +28,14 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def _max_err(got, want) -> float:
+    """max |got - want| in numpy, which propagates NaN (XLA:CPU's max over a large array can drop it); got must
+    be finite."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all()
+    return float(np.abs(got - want).max())
+
+
 def _valid_err(got, want, lengths) -> float:
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     return max(float(np.abs(got[i, :, :n] - want[i, :, :n]).max()) for i, n in enumerate(np.asarray(lengths)))
@@ -98,19 +106,19 @@ def test_kernels_compute_precision_high_as_three_bf16_passes():
     q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, 300, 2, 64)), jnp.float32) for seed in (9, 10, 11))
     mask = jnp.asarray(np.arange(300)[None, :] < np.array([300, 77])[:, None])
     got = attention_pallas.flash_attention(q, k, v, mask, precision=jax.lax.Precision.HIGH, interpret=True)
-    assert float(jnp.abs(got - attention(q, k, v, numerics=Numerics(), key_mask=mask)).max()) < 2e-5
+    assert _max_err(got, attention(q, k, v, numerics=Numerics(), key_mask=mask)) < 2e-5
 
 
 @pytest.mark.parametrize("precision", ["highest", "high", "default"])
 def test_kernels_lower_for_tpu_at_every_precision(precision):
     """Mosaic raises on a "high" dot (and ``attention`` sets the layer's precision as the ambient default):
-    the attention kernel (plain over >= FLASH_MIN_KEYS keys, and relative) and the residual-unit kernel lower
-    for TPU, here on the CPU, at every precision of a float32 layer."""
-    from xcodec2_jax.nn.layers import FLASH_MIN_KEYS, RelativeKey, attention
+    the attention kernel (plain and relative) and the residual-unit kernel lower for TPU, here on the CPU, at
+    every precision of a float32 layer."""
+    from xcodec2_jax.nn.layers import RelativeKey, attention
 
     numerics = Numerics.create(jnp.float32, precision)
-    q = jax.ShapeDtypeStruct((1, FLASH_MIN_KEYS, 2, 64), jnp.float32)
-    mask = jax.ShapeDtypeStruct((1, FLASH_MIN_KEYS), jnp.bool_)
+    q = jax.ShapeDtypeStruct((1, 300, 2, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 300), jnp.bool_)
     unit = ResidualUnit(48, 3, numerics=numerics, rngs=nnx.Rngs(0))
     programs = [jax.jit(functools.partial(attention, numerics=numerics, relative=relative))
                 .trace(q, q, q, key_mask=mask) for relative in (None, RelativeKey(jnp.zeros((73, 64)), 64, 8))]
@@ -243,24 +251,34 @@ def test_unknown_float32_part_is_refused(reference):
 
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 300, 4, 64), (2, 50, 2, 16)])
 @pytest.mark.parametrize("relative", [True, False])
-def test_tpu_flash_attention_equals_xla_attention(relative):
-    """The TPU attention kernel (interpret mode) against the XLA attention, relative-key logits included."""
-    from xcodec2_jax.nn import attention_pallas
-    from xcodec2_jax.nn.layers import RelativeKey, attention
+def test_tpu_flash_attention_equals_xla_attention(relative, shape, dtype):
+    """The TPU attention kernel (interpret mode) against XLA's attention (``jax.nn.dot_product_attention``, the
+    GPU path), relative-key logits included.
 
-    t = 300  # 3 x 3 blocks of 128 after padding: band, clamped-only and padded tiles
-    q, k, v = (jnp.asarray(_rng(seed).standard_normal((2, t, 2, 64)), jnp.float32) for seed in (9, 10, 11))
-    table = jnp.asarray(_rng(12).standard_normal((73, 64)), jnp.float32)
+    300 frames: 3 x 3 blocks of 128, the last reaching past the end (interpret mode reads NaN there), band
+    and clamped-only tiles; 4 heads of 64 dims: two lane groups of two heads. 50 frames of 2 x 16 dims: one
+    block of the sequence's own length, all heads in 32 lanes."""
+    from xcodec2_jax.nn import attention_pallas
+    from xcodec2_jax.nn.layers import RelativeKey
+
+    _, t, _, d = shape
+    numerics = Numerics.create(dtype, "highest")
+    q, k, v = (jnp.asarray(_rng(seed).standard_normal(shape), dtype) for seed in (9, 10, 11))
+    table = jnp.asarray(_rng(12).standard_normal((73, d)), jnp.float32)
     rel = RelativeKey(table, 64, 8) if relative else None
-    mask = jnp.asarray(np.arange(t)[None, :] < np.array([t, 77])[:, None])
-    want = attention(q, k, v, numerics=Numerics(), relative=rel, key_mask=mask)
-    extra = (rel.by_distance(q, Numerics()),) if relative else ()
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([t, 37])[:, None])
+    scale = d**-0.5
     with jax.default_matmul_precision("highest"):
-        got = attention_pallas.flash_attention(q, k, v, mask, *extra, left=64 if relative else 0,
-                                               right=8 if relative else 0, precision=jax.lax.Precision.HIGHEST,
-                                               interpret=True)
-    assert float(jnp.abs(got - want).max()) < 5e-6
+        want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], scale=scale,
+                                            bias=rel.logits(q, numerics) * scale if relative else None)
+        got = attention_pallas.flash_attention(q, k, v, mask, *((table,) if relative else ()),
+                                               left=64 if relative else 0, right=8 if relative else 0,
+                                               precision=jax.lax.Precision.HIGHEST, interpret=True)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert _max_err(got, want) < (5e-6 if dtype == jnp.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -286,7 +304,7 @@ def test_cpu_blocked_attention_equals_xla_attention(relative, dtype):
     tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
     for got in (kernel, dispatched(q, k, v)):  # the kernel, and attention() choosing it on this CPU
         assert got.dtype == want.dtype
-        assert float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max()) < tolerance
+        assert _max_err(got, want) < tolerance
 
 
 def test_tpu_input_conv_equals_xla_conv(reference):
@@ -296,4 +314,4 @@ def test_tpu_input_conv_equals_xla_conv(reference):
     wave = jnp.asarray(_rng(14).standard_normal((2, 1, 3200)), jnp.float32)
     lengths = jnp.asarray([3200, 1280])
     want = encoder.conv1(wave, time_mask(lengths, 3200))
-    assert float(jnp.abs(encoder.mono_fir(wave, lengths) - want).max()) < 2e-6
+    assert _max_err(encoder.mono_fir(wave, lengths), want) < 2e-6

@@ -326,10 +326,6 @@ class RelativeKey:
         return jnp.einsum("bhln,lrn->bhlr", by_distance, one_hot, precision=numerics.precision)
 
 
-# Plain (non-relative) attention over fewer keys stays in XLA on TPU. Full-size decoder, bf16, 8 items per v5e
-# chip: 300 keys (6 s) move 7.59 GB in XLA against 9.74 GB with the Pallas kernel, 1500 keys (30 s) 49.08
-# against 42.16 GB (benchmarks/RESULTS.md); the crossover lies between, 1024 is not a measured optimum.
-FLASH_MIN_KEYS = 1024
 # On XLA:CPU, attention over at least this many keys runs one (item, head) block at a time
 # (:mod:`.attention_cpu`). Full-size decode step, batch 8, same process: 0.98x at 100 keys (2 s), 1.04x at
 # 300, 1.14x at 600, 1.32x at 1000 (benchmarks/RESULTS.md, "Attention on XLA:CPU").
@@ -353,9 +349,10 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
     - CPU: the same below :data:`CPU_BLOCKED_MIN_KEYS` keys; from there :mod:`.attention_cpu`'s loop over
       (item, head) blocks, which keeps each block of scores in cache.
     - TPU: the Pallas flash-attention kernel of :mod:`.attention_pallas`, which builds the relative logits
-      in VMEM instead of writing a (T, S) bias to HBM, for relative attention and for plain attention over
-      at least :data:`FLASH_MIN_KEYS` keys; shorter plain attention stays in XLA, which fuses it with fewer
-      bytes than the kernel's padding and layout changes cost.
+      in VMEM instead of writing a (T, S) bias to HBM and reads q, k, v in the projections' layout. Plain
+      attention too, at every length: the full-size bf16 decode step on a v5e chip moves fewer bytes with
+      it than with XLA's attention from 0.5 to 30 s (2.12 against 2.27 GB at 0.5 s, 5.45 against 6.18 at
+      6 s, 26.2 against 47.8 at 30 s; benchmarks/RESULTS.md, "Session 8").
 
     The layer's precision reaches every matmul: the kernels take it, and it is the default for the matmuls
     ``jax.nn.dot_product_attention`` traces (bf16 operands take one pass whatever it is).
@@ -367,25 +364,29 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
         bias = None if relative is None else relative.logits(q, numerics) * scale
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
 
-    def blocked(kernel: Callable[..., Array], q: Array, k: Array, v: Array) -> Array:
+    def blocked(kernel: Callable[..., Array], relative_term: Callable[[Array], tuple], q: Array, k: Array,
+                v: Array) -> Array:
         valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
         kernel = functools.partial(kernel, precision=numerics.precision,
                                    left=0 if relative is None else relative.left,
                                    right=0 if relative is None else relative.right)
-        extra = () if relative is None else (relative.by_distance(q, numerics),)
-        return per_device(kernel, q, k, v, valid, *extra)
+        batched, replicated = relative_term(q)
+        return per_device(kernel, q, k, v, valid, *batched, replicated=replicated)
+
+    # The CPU loop takes q . E^T per distance (per item); the TPU kernel takes the table E and computes it.
+    on_cpu = functools.partial(blocked, attention_cpu.blocked_attention,
+                               lambda q: (() if relative is None else (relative.by_distance(q, numerics),), ()))
+    on_tpu = functools.partial(blocked, attention_pallas.flash_attention,
+                               lambda q: ((), () if relative is None else (relative.table,)))
 
     def not_tpu(q: Array, k: Array, v: Array) -> Array:
         if k.shape[1] < CPU_BLOCKED_MIN_KEYS:
             return xla(q, k, v)
-        return jax.lax.platform_dependent(q, k, v, cpu=functools.partial(blocked, attention_cpu.blocked_attention),
-                                          default=xla)
+        return jax.lax.platform_dependent(q, k, v, cpu=on_cpu, default=xla)
 
     precision = numerics.precision_name if query.dtype == jnp.float32 else "default"
     with jax.default_matmul_precision(precision):
-        if relative is None and key.shape[1] < FLASH_MIN_KEYS:
-            return not_tpu(query, key, value)
-        return tpu_or_xla(functools.partial(blocked, attention_pallas.flash_attention), not_tpu, query, key, value)
+        return tpu_or_xla(on_tpu, not_tpu, query, key, value)
 
 
 def attention_with_memory(query: Array, key: Array, value: Array, key_mask: Array, memory_keys: Array,
