@@ -10,8 +10,9 @@ online in float32 (as Transformers' softmax in float32, up to rounding), and the
 Layout: queries, keys, values and the output stay as the projections write them, (B, T, H x D) with the
 heads side by side on the lanes, and the sequences are not padded: a grid step reads a (block, 128-lane)
 tile holding one or more whole heads (two of 64 dims at full size) and treats them one after the other.
-On a v5e chip (full size, bf16, 8 x 6 s) the heads-first layout the kernel took before cost three
-transposes and pads of q, k and v and two passes over the output per layer: 1.7 GB of the encode step.
+The heads-first, padded layout the kernel took before cost three XLA passes over each of q, k and v and two
+over the output per layer: on a v5e chip (full size, bf16, 8 x 6 s) the semantic encoder moved 12.07 GB
+with it and moves 8.15 GB now (benchmarks/RESULTS.md, "Session 8").
 The last block of a sequence that is not a multiple of 128 reaches past its end; what it reads there is
 undefined, so past-the-end keys are masked and their values zeroed, and past-the-end query rows are never
 written.
@@ -35,8 +36,8 @@ from .attention_terms import MASKED_LOGIT
 
 Array = jax.Array
 
-BLOCK = 128  # query and key block: the lane width
-_LANES = 128
+BLOCK = 128  # frames per query and key block
+_LANES = 128  # the vector lanes heads are packed onto
 
 
 def _relative_bias(bias_ref, by_distance: Array, rows: Array, cols: Array, left: int, right: int, on_band) -> Array:
@@ -91,8 +92,9 @@ def _kernel(*refs, heads: int, head_dim: int, seq: int, relative: bool, scale: f
         last_row, last_col = first_row + rows_in_block - 1, first_col + cols_in_block - 1
         on_band = (first_col - last_row < right) & (last_col - first_row > -left)
     # Values past the sequence's end are undefined (NaN in interpret mode): their weight is 0, 0 x NaN is not.
-    value_rows = j * cols_in_block + jax.lax.broadcasted_iota(jnp.int32, (cols_in_block, 1), 0)
-    past_end = value_rows >= seq if seq % cols_in_block else None
+    past_end = None
+    if seq % cols_in_block:
+        past_end = j * cols_in_block + jax.lax.broadcasted_iota(jnp.int32, (cols_in_block, 1), 0) >= seq
 
     for a in range(heads):
         q, k, v = q_ref[0, :, lanes(a)], k_ref[0, :, lanes(a)], v_ref[0, :, lanes(a)]

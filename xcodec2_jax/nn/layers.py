@@ -364,20 +364,21 @@ def attention(query: Array, key: Array, value: Array, *, numerics: Numerics, rel
         bias = None if relative is None else relative.logits(q, numerics) * scale
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
 
-    def blocked(kernel: Callable[..., Array], relative_term: Callable[[Array], tuple], q: Array, k: Array,
-                v: Array) -> Array:
+    def blocked(kernel: Callable[..., Array], q: Array, k: Array, v: Array, *batched: Array,
+                replicated: tuple = ()) -> Array:
         valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
         kernel = functools.partial(kernel, precision=numerics.precision,
                                    left=0 if relative is None else relative.left,
                                    right=0 if relative is None else relative.right)
-        batched, replicated = relative_term(q)
         return per_device(kernel, q, k, v, valid, *batched, replicated=replicated)
 
-    # The CPU loop takes q . E^T per distance (per item); the TPU kernel takes the table E and computes it.
-    on_cpu = functools.partial(blocked, attention_cpu.blocked_attention,
-                               lambda q: (() if relative is None else (relative.by_distance(q, numerics),), ()))
-    on_tpu = functools.partial(blocked, attention_pallas.flash_attention,
-                               lambda q: ((), () if relative is None else (relative.table,)))
+    def on_cpu(q: Array, k: Array, v: Array) -> Array:  # the loop takes q . E^T per distance, item by item
+        by_distance = () if relative is None else (relative.by_distance(q, numerics),)
+        return blocked(attention_cpu.blocked_attention, q, k, v, *by_distance)
+
+    def on_tpu(q: Array, k: Array, v: Array) -> Array:  # the kernel takes the table E and computes q . E^T
+        return blocked(attention_pallas.flash_attention, q, k, v,
+                       replicated=() if relative is None else (relative.table,))
 
     def not_tpu(q: Array, k: Array, v: Array) -> Array:
         if k.shape[1] < CPU_BLOCKED_MIN_KEYS:
